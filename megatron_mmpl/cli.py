@@ -1,0 +1,49 @@
+"""`mmpl` — one entry point: data, train, convert, eval, plan, bench.
+
+Each subcommand lives in its package as `<package>/commands.py` with `register(subparsers)`; a module is only
+imported when present, so the CLI works while pieces are being built, and heavy imports stay inside handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "data": "megatron_mmpl.data.commands",
+    "train": "megatron_mmpl.training.commands",
+    "convert": "megatron_mmpl.conversion.commands",
+    "eval": "megatron_mmpl.eval.commands",
+    "plan": "megatron_mmpl.config.plan_command",
+    "bench": "megatron_mmpl.attention.bench_command",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmpl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMANDS.values():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"mmpl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Process groups: torch.distributed + megatron parallel_state, with the CPU runtime on CUDA-less machines."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_mmpl.parallel.cpu_runtime import apply_cpu_runtime
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Degrees of parallelism; data parallel is what is left of the world."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+
+    def dp(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp * self.cp)
+
+    def validate(self, world_size: int) -> None:
+        """Plain-Python check before any process group exists."""
+        for name in ("tp", "pp", "cp"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"parallel.{name}={v!r} must be a positive integer")
+        mp = self.tp * self.pp * self.cp
+        if world_size % mp:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {mp}; "
+                f"launch a multiple of {mp} ranks or change parallel.tp/pp/cp"
+            )
+
+
+def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, backend: str | None = None) -> Layout:
+    """Initialise torch.distributed from the env (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and megatron's groups."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    layout = Layout(tp, pp, cp)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    layout.validate(world_size)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        apply_cpu_runtime()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend=backend or ("nccl" if cuda else "gloo"),
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=world_size,
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return layout
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
