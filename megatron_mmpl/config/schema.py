@@ -1,0 +1,169 @@
+"""The run configuration: one typed dataclass per section; the string under each field documents it.
+
+Sections: model, parallel, data, optim, schedule, checkpoint, logging. Values come from a YAML recipe plus
+`section.field=value` overrides (see `load.py`); checks that need no process group live in `validate.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """Which model, in which precision, with what frozen and recomputed."""
+
+    hf_config: str = "tiny"
+    """A preset name (`tiny`, `qwen25vl-3b`, `qwen25vl-7b`; see config/presets/) or a path to a Hugging Face
+    `config.json` or to the directory holding it."""
+    dtype: str = "bf16"
+    """Parameter/compute dtype: bf16 | fp16 | fp32. With bf16/fp16 the optimizer keeps fp32 master weights.
+    On CPU (no CUDA) use fp32."""
+    freeze_vision: bool = False
+    """Freeze the ViT blocks and patch embedding (not the merger)."""
+    freeze_merger: bool = False
+    """Freeze the patch merger (the ViT → LM projector)."""
+    freeze_llm: bool = False
+    """Freeze the language model (embedding, decoder, output layer)."""
+    recompute: str = "none"
+    """Activation recompute: none | selective (core attention only) | full (whole layers)."""
+    recompute_num_layers: int = 1
+    """With recompute=full: layers per recompute chunk (megatron's uniform method)."""
+    attention_backend: str = "auto"
+    """Core attention: auto | sdpa | varlen | flex | te (auto: te when importable, else sdpa per segment)."""
+    rope_theta: float | None = None
+    """Override the LM's RoPE base (null: keep the checkpoint's, 1e6 for Qwen2.5-VL)."""
+    rope_interpolation_factor: float | None = None
+    """Linear position interpolation for the LM's RoPE: positions are divided by this (null: off)."""
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of parallelism; data parallel is world size / (tp·pp·cp)."""
+
+    tp: int = 1
+    """Tensor-parallel size (divides LM heads, KV groups, FFN, and the ViT's heads and FFN)."""
+    pp: int = 1
+    """Pipeline-parallel size (the ViT lives on the first stage)."""
+    cp: int = 1
+    """Context-parallel size (packed rows are zigzag-split into 2·cp chunks per sample)."""
+    first_stage_layers: int | None = None
+    """LM layers on pipeline stage 0, which also runs the ViT (null: an even split); needs pp > 1."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism for norms/dropout regions; needs tp > 1."""
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are packed into micro-batches."""
+
+    shards: str = ""
+    """Shard directory written by `mmpl data build` (holds index.json and <bucket>/*.tar)."""
+    recipe: str = "balanced"
+    """Length mixture: balanced (even over length buckets) | pool_native (as the pool is) | target:N (near N)."""
+    min_len: int = 32768
+    """Shortest sample length (tokens) drawn."""
+    max_len: int = 131072
+    """Longest sample length (tokens) drawn."""
+    task_weights: dict[str, float] = field(default_factory=lambda: {"extraction": 0.8, "reasoning": 0.2})
+    """Relative weight per task family; missing families get weight 0."""
+    max_seq_len: int = 131072
+    """Packed row length (tokens per micro-batch row); samples are packed up to it."""
+    micro_batch_size: int = 1
+    """Packed rows per micro-batch, per data-parallel rank."""
+    global_batch_size: int = 8
+    """Packed rows per optimizer step over all data-parallel ranks (= micro · dp · micro-batches per step)."""
+    num_workers: int = 2
+    """Loader worker processes per rank (0: load in the training process)."""
+    seed: int = 1234
+    """Seed of the sample mixture/shuffle (independent of model init)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and cosine decay to a floor (ProLong/MMProLong defaults)."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr: float = 1e-6
+    """Floor reached at the end of decay (MMProLong: 10% of lr)."""
+    warmup: float = 0.1
+    """Warmup length: a fraction of the train steps if < 1, else a step count."""
+    decay_style: str = "cosine"
+    """cosine | linear | constant."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to norms and biases."""
+    beta1: float = 0.9
+    """Adam β1."""
+    beta2: float = 0.95
+    """Adam β2."""
+    eps: float = 1e-8
+    """Adam ε."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+
+@dataclass
+class ScheduleConfig:
+    """How long to train; give steps or tokens."""
+
+    train_steps: int | None = None
+    """Optimizer steps to run (wins over train_tokens when both are given)."""
+    train_tokens: int | None = None
+    """Token budget; steps = ceil(tokens / (global_batch_size · max_seq_len))."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Dist checkpoints (torch_dist): model, optimizer, scheduler, data state, RNG."""
+
+    save: str | None = None
+    """Checkpoint directory (null: <run_dir>/checkpoints). A complete checkpoint found here is resumed."""
+    interval: int = 1000
+    """Save every N steps (and always at the end)."""
+    keep_last: int = 3
+    """Keep the newest K complete checkpoints (0: keep all)."""
+    load: str | None = None
+    """Start from here when `save` holds nothing: a converted HF checkpoint (model weights only) or another
+    run's checkpoint directory (full resume)."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console, TensorBoard and W&B."""
+
+    interval: int = 10
+    """Log one line every N steps."""
+    tensorboard_dir: str | None = None
+    """TensorBoard directory (null: <run_dir>/tensorboard)."""
+    wandb_project: str | None = None
+    """W&B project; null disables W&B."""
+    wandb_name: str | None = None
+    """W&B run name (null: the run dir's name)."""
+    progress_bar: bool = True
+    """Show a tqdm bar when stdout is a terminal."""
+
+
+@dataclass
+class Config:
+    """A whole training run."""
+
+    run_dir: str = "runs/default"
+    """Run directory: resolved config, logs, TensorBoard, default checkpoint dir."""
+    seed: int = 1234
+    """Model init / dropout seed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.save or f"{self.run_dir}/checkpoints"
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return self.logging.tensorboard_dir or f"{self.run_dir}/tensorboard"

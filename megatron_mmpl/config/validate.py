@@ -1,0 +1,131 @@
+"""Plain-Python checks of a Config, before any process group or tensor exists; each error names the field."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from megatron_mmpl.config.load import ConfigError
+from megatron_mmpl.config.schema import Config
+
+_CHOICES = {
+    "model.dtype": ("bf16", "fp16", "fp32"),
+    "model.recompute": ("none", "selective", "full"),
+    "model.attention_backend": ("auto", "sdpa", "varlen", "flex", "te"),
+    "optim.decay_style": ("cosine", "linear", "constant"),
+}
+
+
+def _get(cfg, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate_config(cfg: Config) -> None:
+    """Value checks that need neither the world size nor the model architecture."""
+    for name, choices in _CHOICES.items():
+        if _get(cfg, name) not in choices:
+            raise ConfigError(f"{name}={_get(cfg, name)!r} must be one of {' | '.join(choices)}")
+    positive = ("parallel.tp", "parallel.pp", "parallel.cp", "data.micro_batch_size", "data.global_batch_size",
+                "data.max_seq_len", "data.min_len", "checkpoint.interval", "logging.interval",
+                "model.recompute_num_layers")
+    for name in positive:
+        if _get(cfg, name) < 1:
+            raise ConfigError(f"{name}={_get(cfg, name)} must be >= 1")
+    for name in ("data.num_workers", "checkpoint.keep_last", "optim.lr", "optim.min_lr", "optim.warmup",
+                 "optim.weight_decay", "optim.clip_grad", "optim.eps"):
+        if _get(cfg, name) < 0:
+            raise ConfigError(f"{name}={_get(cfg, name)} must be >= 0")
+    d, o, s, p = cfg.data, cfg.optim, cfg.schedule, cfg.parallel
+    if not re.fullmatch(r"balanced|pool_native|target:\d+", d.recipe):
+        raise ConfigError(f"data.recipe={d.recipe!r} must be balanced | pool_native | target:N (N tokens)")
+    if d.min_len > d.max_len:
+        raise ConfigError(f"data.min_len={d.min_len} is above data.max_len={d.max_len}")
+    if d.global_batch_size % d.micro_batch_size:
+        raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+                          f"data.micro_batch_size={d.micro_batch_size}")
+    if not d.task_weights or any(w < 0 for w in d.task_weights.values()) or sum(d.task_weights.values()) <= 0:
+        raise ConfigError(f"data.task_weights={d.task_weights} needs non-negative weights with a positive sum")
+    if not d.shards:
+        raise ConfigError("data.shards is empty; point it at the output of `mmpl data build`")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
+    for name in ("optim.beta1", "optim.beta2"):
+        if not 0 <= _get(cfg, name) < 1:
+            raise ConfigError(f"{name}={_get(cfg, name)} must be in [0, 1)")
+    if s.train_steps is None and s.train_tokens is None:
+        raise ConfigError("schedule.train_steps and schedule.train_tokens are both null; set one")
+    for name in ("schedule.train_steps", "schedule.train_tokens"):
+        if _get(cfg, name) is not None and _get(cfg, name) < 1:
+            raise ConfigError(f"{name}={_get(cfg, name)} must be >= 1")
+    if o.warmup >= 1 and o.warmup > train_steps(cfg):
+        raise ConfigError(f"optim.warmup={o.warmup} steps exceeds the {train_steps(cfg)} train steps")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if p.first_stage_layers is not None and p.pp == 1:
+        raise ConfigError(f"parallel.first_stage_layers={p.first_stage_layers} needs parallel.pp > 1")
+    if p.cp > 1 and d.max_seq_len % (2 * p.cp):
+        raise ConfigError(f"data.max_seq_len={d.max_seq_len} must be a multiple of 2*parallel.cp={2 * p.cp}")
+
+
+def train_steps(cfg: Config) -> int:
+    """Optimizer steps of the run: schedule.train_steps, else the token budget over tokens per step."""
+    if cfg.schedule.train_steps is not None:
+        return cfg.schedule.train_steps
+    per_step = cfg.data.global_batch_size * cfg.data.max_seq_len
+    return math.ceil(cfg.schedule.train_tokens / per_step)
+
+
+def warmup_steps(cfg: Config) -> int:
+    w = cfg.optim.warmup
+    return int(w) if w >= 1 else int(round(w * train_steps(cfg)))
+
+
+def validate_layout(cfg: Config, world_size: int, hf=None) -> int:
+    """Check parallel degrees against the world size and the model's shapes; return the data-parallel size.
+
+    `hf` is the transformers Qwen2_5_VLConfig (resolved from model.hf_config when omitted).
+    """
+    p, d = cfg.parallel, cfg.data
+    mp = p.tp * p.pp * p.cp
+    if world_size % mp:
+        raise ConfigError(f"parallel.tp*pp*cp={p.tp}*{p.pp}*{p.cp}={mp} does not divide the world size "
+                          f"{world_size}; launch a multiple of {mp} ranks or change parallel.tp/pp/cp")
+    dp = world_size // mp
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+                          f"micro_batch_size*dp={d.micro_batch_size}*{dp}")
+    if hf is None:
+        from megatron_mmpl.config.hf_config import resolve_hf_config
+
+        hf = resolve_hf_config(cfg.model)
+    text, vision = hf.get_text_config(), hf.vision_config
+    name = cfg.model.hf_config
+    dims = {
+        "LM attention heads": text.num_attention_heads,
+        "LM KV groups": text.num_key_value_heads,
+        "LM FFN size": text.intermediate_size,
+        "ViT heads": vision.num_heads,
+        "ViT FFN size": vision.intermediate_size,
+    }
+    for what, n in dims.items():
+        if n % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide {what}={n} of model {name!r}; "
+                              f"use a tp that divides {n}")
+    layers = text.num_hidden_layers
+    if p.pp > 1:
+        first = p.first_stage_layers
+        if first is None:
+            if layers % p.pp:
+                raise ConfigError(f"parallel.pp={p.pp} does not divide the {layers} LM layers of {name!r}; "
+                                  "set parallel.first_stage_layers or another pp")
+        else:
+            rest = layers - first
+            if not 0 < first < layers or rest % (p.pp - 1):
+                raise ConfigError(f"parallel.first_stage_layers={first}: the other {rest} of {layers} LM layers "
+                                  f"must split evenly over pp-1={p.pp - 1} stages")
+    elif layers < 1:
+        raise ConfigError(f"model {name!r} has no LM layers")
+    return dp
