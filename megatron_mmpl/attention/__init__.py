@@ -1,0 +1,1 @@
+"""Core attention for packed sequences (sdpa / flex / te backends) and context-parallel attention."""

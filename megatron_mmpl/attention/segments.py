@@ -1,0 +1,72 @@
+"""Which query rows attend to which key rows in a packed row, with or without context parallelism.
+
+Queries are this rank's local rows; keys are the full row (after the CP all-gather, in packed order). With CP the
+local rows of each segment are its zigzag chunks r and 2·CP−1−r (see parallel/context_parallel.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Block:
+    """Local queries [q_start, q_start+q_len) attend keys [kv_start, kv_start+kv_len).
+
+    causal: lower-right aligned causal mask (the last query sees the last key); else no mask.
+    """
+
+    q_start: int
+    q_len: int
+    kv_start: int
+    kv_len: int
+    causal: bool
+    seg: int  # index of the segment in cu_seqlens
+
+
+def segment_bounds(cu_seqlens, total_len: int) -> list[int]:
+    """Boundaries as a list; rows after cu_seqlens[-1] (trailing row padding) form one more segment."""
+    if cu_seqlens is None:
+        return [0, total_len]
+    cu = [int(x) for x in cu_seqlens.tolist()] if torch.is_tensor(cu_seqlens) else [int(x) for x in cu_seqlens]
+    if cu[0] != 0 or any(b < a for a, b in zip(cu[:-1], cu[1:])) or cu[-1] > total_len:
+        raise ValueError(f"cu_seqlens {cu} must start at 0, not decrease, and end at most at the row length "
+                         f"{total_len}")
+    return cu + [total_len] if cu[-1] < total_len else cu
+
+
+def plan_blocks(cu: list[int], causal: bool, cp_rank: int = 0, cp_size: int = 1) -> list[Block]:
+    """Blocks covering this rank's local query rows in order (empty segments skipped)."""
+    blocks, local = [], 0
+    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        n = b - a
+        if n == 0:
+            continue
+        if cp_size == 1:
+            blocks.append(Block(a, n, a, n, causal, i))
+            continue
+        if n % (2 * cp_size):
+            raise ValueError(f"segment [{a}, {b}) length {n} is not a multiple of 2*cp={2 * cp_size}; split the "
+                             "batch with megatron_mmpl.parallel.context_parallel.split_packed_batch")
+        c = n // (2 * cp_size)
+        for j in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            kv_len = (j + 1) * c if causal else n
+            blocks.append(Block(local, c, a, kv_len, causal, i))
+            local += c
+    return blocks
+
+
+def token_coords(blocks: list[Block], cu: list[int], device) -> tuple[torch.Tensor, ...]:
+    """(q_seg, q_pos, kv_seg, kv_pos) int32 per row, for a mask function: same segment (and q_pos >= kv_pos)."""
+    q_seg, q_pos = [], []
+    for blk in blocks:
+        # global row of the last query = last visible key (lower-right alignment of causal blocks)
+        last = blk.kv_start + (blk.kv_len if blk.causal else blk.q_len) - 1
+        q_seg.append(torch.full((blk.q_len,), blk.seg, dtype=torch.int32))
+        q_pos.append(torch.arange(last - blk.q_len + 1, last + 1, dtype=torch.int32))
+    kv_seg = torch.repeat_interleave(torch.arange(len(cu) - 1, dtype=torch.int32), torch.tensor(cu).diff())
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.int32)
+    return (cat(q_seg).to(device), cat(q_pos).to(device), kv_seg.to(device),
+            torch.arange(cu[-1], dtype=torch.int32, device=device))
