@@ -1,0 +1,97 @@
+"""Build a Qwen25VLModel for this rank's TP/PP/CP position, and move full (TP=1, PP=1) weights in and out."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from megatron_mmpl.models.qwen25vl.configs import megatron_configs
+from megatron_mmpl.models.qwen25vl.model import Qwen25VLModel
+
+_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
+_TIED_OUT = "language_model.output_layer.weight"
+_EMBED = "language_model.embedding.word_embeddings.weight"
+
+
+def build_model(
+    hf_config,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    *,
+    first_stage_layers: int | None = None,
+    sequence_parallel: bool = False,
+    dtype: torch.dtype = torch.float32,
+    attention_backend: str | None = None,
+    overrides: dict | None = None,
+    language_overrides: dict | None = None,
+    vp_stage: int | None = None,
+) -> Qwen25VLModel:
+    """The model part this rank holds; TP/PP/CP sizes come from megatron's parallel_state (initialised first).
+
+    pre_process/post_process default to "first/last pipeline stage". `first_stage_layers`: LM layers on
+    stage 0 (it also runs the ViT). Other arguments: see `configs.megatron_configs`.
+    """
+    from megatron.core import parallel_state as ps
+
+    cfgs = megatron_configs(
+        hf_config, tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+        cp=ps.get_context_parallel_world_size(), sequence_parallel=sequence_parallel,
+        first_stage_layers=first_stage_layers, dtype=dtype, overrides=overrides,
+        language_overrides=language_overrides,
+    )
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage()
+    return Qwen25VLModel(cfgs, pre_process, post_process, attention_backend=attention_backend, vp_stage=vp_stage)
+
+
+def full_name(model: Qwen25VLModel, local_name: str) -> str:
+    """The full-model (TP=1, PP=1) name of a local parameter: LM layers renumbered globally; on a later
+    pipeline stage of a tied model the output layer is the embedding."""
+    m = _LAYER.match(local_name)
+    if m:
+        layer = model.language_model.decoder.layers[int(m.group(1))]
+        return f"language_model.decoder.layers.{layer.layer_number - 1}." + local_name[m.end():]
+    if local_name == _TIED_OUT and model.cfgs.tie_embeddings:
+        return _EMBED
+    return local_name
+
+
+def _gated(name: str) -> bool:
+    """Gated MLPs hold linear_fc1 as [gate; up] (each TP rank [gate_r; up_r]); the merger's MLP is not gated."""
+    return ".mlp.linear_fc1." in name
+
+
+def load_full_weights(model: Qwen25VLModel, full: dict[str, torch.Tensor]) -> None:
+    """Copy a full (TP=1, PP=1) MCore state dict into this rank's part, in place."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_mmpl.parallel.tensor_shards import shard_for_rank, tp_partition_dim
+
+    rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    params = dict(model.named_parameters())
+    missing = [n for n in params if full_name(model, n) not in full]
+    if missing:
+        raise KeyError(f"the full state dict lacks {len(missing)} tensor(s) this rank needs: {missing[:10]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            src = full[full_name(model, n)]
+            p.copy_(shard_for_rank(n, src, tp_partition_dim(p), rank, tp, gated=_gated(n)))
+
+
+def gather_full_weights(model: Qwen25VLModel, grads: bool = False) -> dict[str, torch.Tensor]:
+    """This stage's parameters (or gradients) as full TP=1 tensors under full-model names (every TP rank)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_mmpl.parallel.tensor_shards import gather_full, tp_partition_dim
+
+    group = ps.get_tensor_model_parallel_group()
+    out = {}
+    for n, p in model.named_parameters():
+        t = p.grad if grads else p.detach()
+        if t is None:
+            continue
+        out[full_name(model, n)] = gather_full(n, t, tp_partition_dim(p), group, gated=_gated(n))
+    return out

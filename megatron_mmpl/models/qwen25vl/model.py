@@ -1,0 +1,129 @@
+"""Qwen25VLModel: the ViT (first pipeline stage only) feeding image/video embeddings into a megatron GPTModel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_mmpl.models.qwen25vl.configs import Qwen25VLConfigs
+from megatron_mmpl.models.qwen25vl.specs import language_layer_spec, vision_layer_spec
+from megatron_mmpl.models.qwen25vl.vision_model import Qwen25VisionModel
+
+
+class Qwen25VLModel(MegatronModule):
+    """Qwen2.5-VL on Megatron-Core: `vision_model` (ViT + merger, first stage) and `language_model` (GPTModel).
+
+    forward → logits [b, s, V] (gathered over TP) when labels is None, else per-token loss [b, s].
+    """
+
+    def __init__(
+        self,
+        cfgs: Qwen25VLConfigs,
+        pre_process: bool = True,
+        post_process: bool = True,
+        *,
+        attention_backend: str | None = None,
+        vp_stage: int | None = None,
+    ):
+        super().__init__(config=cfgs.language)
+        self.cfgs = cfgs
+        self.pre_process, self.post_process = pre_process, post_process
+        self.image_token_id, self.video_token_id = cfgs.image_token_id, cfgs.video_token_id
+        self.vision_model = None
+        if pre_process:
+            spec = vision_layer_spec(cfgs.vision_dims.fullatt_block_indexes, attention_backend)
+            self.vision_model = Qwen25VisionModel(cfgs.vision, cfgs.projector, cfgs.vision_dims, spec)
+        self.language_model = GPTModel(
+            config=cfgs.language, transformer_layer_spec=language_layer_spec(attention_backend),
+            vocab_size=cfgs.vocab_size, max_sequence_length=cfgs.max_position_embeddings,
+            pre_process=pre_process, post_process=post_process, parallel_output=True,
+            share_embeddings_and_output_weights=cfgs.tie_embeddings, position_embedding_type="mrope",
+            rotary_base=cfgs.rotary_base, scatter_embedding_sequence_parallel=False, vp_stage=vp_stage,
+        )
+        if cfgs.language.context_parallel_size > 1:
+            from megatron_mmpl.attention.specs import use_per_token_mrope_under_cp
+
+            use_per_token_mrope_under_cp(self.language_model)
+        self.share_embeddings_and_output_weights = cfgs.tie_embeddings
+        # Run a zero-weighted dummy image through the ViT on text-only training batches, so every rank uses
+        # the same parameters (DDP bucket readiness) and joins the same ViT collectives.
+        self.dummy_vision_on_text_only = True
+        # Optional hook on the first stage: merged embeddings [s, b, h] → this rank's part (context parallelism
+        # splits after the vision merge; see DESIGN.md).
+        self.split_merged_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    # Pipeline-schedule plumbing, delegated to the GPTModel.
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        packed_seq_params=None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [b, s]; position_ids [3, b, s] (from rope_index); pixel_values [n_patches, C·T·P·P].
+
+        `packed_seq_params`: PackedSeqParams(qkv_format='sbhd', cu_seqlens_q=cu_seqlens, ...) for packed rows
+        (b=1): the LM attends causally within each sample. `loss_mask` is not applied here (megatron convention:
+        the loss function weights the per-token loss).
+        """
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self._merged_embeddings(
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
+        return self.language_model(
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
+            packed_seq_params=packed_seq_params, runtime_gather_output=True if labels is None else None,
+        )
+
+    def _merged_embeddings(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """Token embeddings [s, b, h] with the ViT outputs written at the image/video pad tokens."""
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        used_vision = False
+        for kind, pix, grid, tok in (
+            ("image", pixel_values, image_grid_thw, self.image_token_id),
+            ("video", pixel_values_videos, video_grid_thw, self.video_token_id),
+        ):
+            mask = input_ids == tok  # [b, s]
+            if pix is None:
+                if bool(mask.any()):
+                    raise ValueError(f"input_ids hold {int(mask.sum())} {kind} pad tokens (id {tok}) but no "
+                                     f"{kind} pixels were given")
+                continue
+            if grid is None:
+                raise ValueError(f"{kind} pixels given without {kind}_grid_thw")
+            grid = torch.as_tensor(grid).view(-1, 3)
+            implied = int(grid.prod(-1).sum()) // self.cfgs.vision_dims.spatial_merge_size**2
+            if int(mask.sum()) != implied:
+                raise ValueError(
+                    f"input_ids hold {int(mask.sum())} {kind} pad tokens (id {tok}) but {kind}_grid_thw "
+                    f"{grid.tolist()} implies {implied} (Σ t·h·w / merge²); the prompt and the {kind}s disagree"
+                )
+            feats = self.vision_model(pix, grid)  # [n_tokens, h]
+            emb = emb.transpose(0, 1).masked_scatter(mask[..., None], feats.to(emb.dtype)).transpose(0, 1)
+            used_vision = True
+        if not used_vision and self.dummy_vision_on_text_only and self.training and torch.is_grad_enabled():
+            m, d = self.cfgs.vision_dims.spatial_merge_size, self.cfgs.vision_dims
+            dummy = torch.zeros(m * m, d.patch_dim, dtype=emb.dtype, device=emb.device)
+            emb = emb + 0.0 * self.vision_model(dummy, torch.tensor([[1, m, m]])).sum()
+        if self.split_merged_embeddings is not None:
+            emb = self.split_merged_embeddings(emb)
+        if self.config.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+        return emb.contiguous()

@@ -1,0 +1,74 @@
+"""Layer specs of the two towers: megatron's local GPT layer with our CoreAttention (packed segments).
+
+Language: causal attention inside each packed sample. Vision: bidirectional attention inside each window
+(window blocks) or each frame (the config's `fullatt_block_indexes` blocks), chosen per layer by
+`VisionTransformerLayer` from the `VisionSegments` the ViT passes as packed_seq_params.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+
+@dataclass
+class VisionSegments:
+    """Attention segments of one ViT forward: window blocks use `window`, full-attention blocks `full`."""
+
+    window: PackedSeqParams
+    full: PackedSeqParams
+
+
+def packed_seq_params(cu_seqlens) -> PackedSeqParams:
+    """Segments of a packed [s, b=1, ...] row for CoreAttention ('sbhd': RoPE stays per token)."""
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if len(cu_seqlens) > 1 else 0
+    return PackedSeqParams(
+        qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=max_len,
+        max_seqlen_kv=max_len,
+    )
+
+
+class VisionTransformerLayer(TransformerLayer):
+    """A megatron TransformerLayer that attends within windows, or within frames in the full-attention blocks."""
+
+    def __init__(self, *args, full_attention_layers: tuple[int, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.full_attention = (self.layer_number - 1) in set(full_attention_layers)  # layer_number is 1-based
+
+    def forward(self, *args, **kwargs):
+        segs = kwargs.get("packed_seq_params")
+        if isinstance(segs, VisionSegments):
+            kwargs["packed_seq_params"] = segs.full if self.full_attention else segs.window
+        return super().forward(*args, **kwargs)
+
+
+def language_layer_spec(backend: str | None = None) -> ModuleSpec:
+    """The LM decoder layer: megatron local spec (RMSNorm, GQA with qkv bias, SwiGLU) + CoreAttention."""
+    from megatron_mmpl.attention.specs import gpt_layer_spec
+
+    return gpt_layer_spec(normalization="RMSNorm", backend=backend)
+
+
+def vision_layer_spec(full_attention_layers, backend: str | None = None) -> ModuleSpec:
+    """The ViT block: same local pieces, bidirectional CoreAttention, window/full chosen per layer."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_mmpl.attention.specs import with_core_attention
+
+    spec = with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), backend)
+    spec.module = VisionTransformerLayer
+    spec.params = {**spec.params, "full_attention_layers": tuple(int(i) for i in full_attention_layers)}
+    spec.submodules.self_attention.params = {**spec.submodules.self_attention.params,
+                                             "attn_mask_type": AttnMaskType.no_mask}
+    return spec
+
+
+def projector_submodules() -> MLPSubmodules:
+    """The patch merger's 2-layer MLP (column- then row-parallel)."""
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)

@@ -1,0 +1,67 @@
+"""The Qwen2.5-VL vision tower on megatron modules: Conv3d patch embed → TransformerBlock (window / full
+attention, 2D RoPE) → final RMSNorm → patch merger (m×m patches → one LM token, 2-layer MLP).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from megatron_mmpl.models.qwen25vl.configs import VisionDims
+from megatron_mmpl.models.qwen25vl.specs import VisionSegments, packed_seq_params, projector_submodules
+from megatron_mmpl.models.qwen25vl.vision_geometry import (
+    frame_cu_seqlens,
+    vision_rope_freqs,
+    window_order,
+)
+
+
+class Qwen25VisionModel(MegatronModule):
+    """pixel_values [n_patches, C·T·P·P] + grid_thw [n, 3] → merged tokens [n_patches / m², LM hidden]."""
+
+    def __init__(self, config, projector_config, dims: VisionDims, layer_spec):
+        super().__init__(config=config)
+        self.dims = dims
+        k = (dims.temporal_patch_size, dims.patch_size, dims.patch_size)
+        self.patch_embed = torch.nn.Conv3d(
+            dims.in_channels, config.hidden_size, kernel_size=k, stride=k, bias=False, dtype=config.params_dtype
+        )
+        # final_layernorm of the block is the merger's norm (applied per patch before merging).
+        self.decoder = TransformerBlock(config, layer_spec, post_layer_norm=True, pre_process=True, post_process=True)
+        self.merge_unit = dims.spatial_merge_size**2
+        self.projection = MultimodalProjector(
+            projector_config, projector_submodules(), "mlp", input_size=config.hidden_size * self.merge_unit
+        )
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        d, unit = self.dims, self.merge_unit
+        grid_thw = torch.as_tensor(grid_thw).view(-1, 3).cpu()
+        n = int(grid_thw.prod(-1).sum())
+        if pixel_values.dim() != 2 or pixel_values.shape != (n, d.patch_dim):
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw {grid_thw.tolist()} needs "
+                f"({n}, {d.patch_dim}) = (Σ t·h·w, C·temporal_patch·patch²)"
+            )
+        bad = (grid_thw[:, 1:] % d.spatial_merge_size != 0).any(-1)
+        if bad.any():
+            raise ValueError(f"grid_thw rows {grid_thw[bad].tolist()}: h and w must be multiples of "
+                             f"spatial_merge_size={d.spatial_merge_size}")
+        dev = pixel_values.device
+        x = pixel_values.to(self.patch_embed.weight.dtype).view(
+            n, d.in_channels, d.temporal_patch_size, d.patch_size, d.patch_size
+        )
+        x = self.patch_embed(x).view(n, -1)  # [n, h]
+        order, cu_window = window_order(grid_thw, d.spatial_merge_size, d.window_size, d.patch_size)
+        perm = (order[:, None] * unit + torch.arange(unit)).view(-1).to(dev)  # patch order in windows
+        freqs = vision_rope_freqs(grid_thw, d.spatial_merge_size, self.config.kv_channels, d.rope_theta).to(dev)
+        freqs = freqs[perm]
+        rope = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [n, 1, 1, head_dim]
+        segs = VisionSegments(
+            window=packed_seq_params(cu_window.to(dev)), full=packed_seq_params(frame_cu_seqlens(grid_thw).to(dev))
+        )
+        h = self.decoder(x[perm][:, None, :], attention_mask=None, rotary_pos_emb=rope, packed_seq_params=segs)
+        h = h.reshape(n // unit, 1, -1)  # [n/m², 1, m²·h]: each merge block's patches side by side
+        out = self.projection(h).squeeze(1)  # [n/m², LM hidden]
+        return out[torch.argsort(order).to(dev)]  # back to processor order
