@@ -1,27 +1,25 @@
-"""`model.hf_config` (a preset name or a config.json path) → a transformers `Qwen2_5_VLConfig`, with RoPE overrides."""
+"""`model.hf_config` (a preset name or a config.json path) → a transformers `Qwen2_5_VLConfig`."""
 
 from __future__ import annotations
 
 import json
 import os
 
-import yaml
-
 from megatron_mmpl.config.load import ConfigError
-
-PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
 
 
 def preset_names() -> list[str]:
-    return sorted(f[: -len(".yaml")] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+    from megatron_mmpl.models.qwen25vl.presets import PRESETS
+
+    return sorted(PRESETS)
 
 
 def load_hf_dict(spec: str) -> dict:
-    """The raw HF config dict for a preset name, a config.json file, or a directory holding config.json."""
-    preset = os.path.join(PRESET_DIR, f"{spec}.yaml")
-    if os.path.isfile(preset):
-        with open(preset) as f:
-            return yaml.safe_load(f)
+    """The raw HF config dict for a preset name (models/qwen25vl/presets.py), a config.json, or its directory."""
+    from megatron_mmpl.models.qwen25vl.presets import PRESETS, preset_dict
+
+    if spec in PRESETS:
+        return preset_dict(spec)
     path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
     if not os.path.isfile(path):
         raise ConfigError(

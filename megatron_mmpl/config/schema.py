@@ -14,8 +14,8 @@ class ModelConfig:
     """Which model, in which precision, with what frozen and recomputed."""
 
     hf_config: str = "tiny"
-    """A preset name (`tiny`, `qwen25vl-3b`, `qwen25vl-7b`; see config/presets/) or a path to a Hugging Face
-    `config.json` or to the directory holding it."""
+    """A model preset (`tiny`, `qwen25vl-3b`, `qwen25vl-7b`, ...: models/qwen25vl/presets.py) or a path to a
+    Hugging Face `config.json` or to the directory holding it."""
     dtype: str = "bf16"
     """Parameter/compute dtype: bf16 | fp16 | fp32. With bf16/fp16 the optimizer keeps fp32 master weights.
     On CPU (no CUDA) use fp32."""
@@ -30,7 +30,7 @@ class ModelConfig:
     recompute_num_layers: int = 1
     """With recompute=full: layers per recompute chunk (megatron's uniform method)."""
     attention_backend: str = "auto"
-    """Core attention: auto | sdpa | varlen | flex | te (auto: te when importable, else sdpa per segment)."""
+    """Core attention: auto | sdpa | flex | te (auto: sdpa per packed segment, flex for many short segments)."""
     rope_theta: float | None = None
     """Override the LM's RoPE base (null: keep the checkpoint's, 1e6 for Qwen2.5-VL)."""
     rope_interpolation_factor: float | None = None
@@ -142,6 +142,8 @@ class LoggingConfig:
     """W&B run name (null: the run dir's name)."""
     progress_bar: bool = True
     """Show a tqdm bar when stdout is a terminal."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s per device for MFU (null: known GPUs by name, e.g. H100 989; none on CPU)."""
 
 
 @dataclass

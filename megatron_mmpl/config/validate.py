@@ -11,7 +11,7 @@ from megatron_mmpl.config.schema import Config
 _CHOICES = {
     "model.dtype": ("bf16", "fp16", "fp32"),
     "model.recompute": ("none", "selective", "full"),
-    "model.attention_backend": ("auto", "sdpa", "varlen", "flex", "te"),
+    "model.attention_backend": ("auto", "sdpa", "flex", "te"),
     "optim.decay_style": ("cosine", "linear", "constant"),
 }
 
@@ -60,8 +60,12 @@ def validate_config(cfg: Config) -> None:
     for name in ("schedule.train_steps", "schedule.train_tokens"):
         if _get(cfg, name) is not None and _get(cfg, name) < 1:
             raise ConfigError(f"{name}={_get(cfg, name)} must be >= 1")
-    if o.warmup >= 1 and o.warmup > train_steps(cfg):
-        raise ConfigError(f"optim.warmup={o.warmup} steps exceeds the {train_steps(cfg)} train steps")
+    if warmup_steps(cfg) >= train_steps(cfg):
+        raise ConfigError(f"optim.warmup={o.warmup} gives {warmup_steps(cfg)} warmup steps, not fewer than the "
+                          f"{train_steps(cfg)} train steps")
+    m = cfg.model
+    if m.freeze_vision and m.freeze_merger and m.freeze_llm:
+        raise ConfigError("model.freeze_vision, freeze_merger and freeze_llm are all true: nothing to train")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.first_stage_layers is not None and p.pp == 1:
@@ -109,6 +113,8 @@ def validate_layout(cfg: Config, world_size: int, hf=None) -> int:
         "LM FFN size": text.intermediate_size,
         "ViT heads": vision.num_heads,
         "ViT FFN size": vision.intermediate_size,
+        "merger hidden size": vision.hidden_size * vision.spatial_merge_size**2,
+        "vocab size": text.vocab_size,
     }
     for what, n in dims.items():
         if n % p.tp:
