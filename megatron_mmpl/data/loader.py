@@ -1,0 +1,322 @@
+"""Training loader: mixture draws → this DP rank's items → FFD packing → decoded, packed micro-batches; resumable.
+
+Work split: global draw g (same pool on every DP rank) gives DP rank r the pool's stream item c·dp_size + r (c = how
+often the pool was drawn before g), so DP ranks read disjoint samples and TP/CP/PP peers (same DP rank) identical
+ones; draw g belongs to loader worker g mod W. Each worker packs its own items. Its state (next draw, per-pool
+counts, packing buffer, counters) rides along with every batch, so `state_dict()` after k batches restores exactly
+the (k+1)-th batch onwards, with workers > 0. The stream is infinite: every DP rank yields as many batches as asked.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from megatron_mmpl.data.chat_template import render
+from megatron_mmpl.data.images import ImageProcessor, ImageProcessorConfig
+from megatron_mmpl.data.mixture import DrawSequence, PoolSet, PoolStream, pool_weights
+from megatron_mmpl.data.packing import PackingBuffer, ProcessedSample, collate_packed, padded_len
+from megatron_mmpl.data.schema import Sample
+from megatron_mmpl.data.shards import load_index, read_members
+from megatron_mmpl.data.tokenizer import special_ids, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass
+class LoaderOptions:
+    """Everything the loader reads; `from_config` takes a DataConfig (or any object with these attributes)."""
+
+    shards: str = ""
+    recipe: str = "balanced"
+    min_len: int = 32768
+    max_len: int = 131072
+    task_weights: dict = field(default_factory=lambda: {"extraction": 0.8, "reasoning": 0.2})
+    max_seq_len: int = 131072
+    num_workers: int = 2
+    seed: int = 1234
+    pack_buffer: int = 16
+    """Samples held for first-fit-decreasing packing (per worker)."""
+    pad_multiple: int = 1
+    """Pad each sample to a multiple of this (2·CP·TP with context parallelism)."""
+    pad_to_max_len: bool = False
+    """Fill every row to max_seq_len with a padding segment (static shapes)."""
+    skip_long: bool = True
+    """A sample longer than max_seq_len is skipped and counted (False: raise)."""
+    max_consecutive_failures: int = 8
+    """Abort after this many undecodable samples in a row."""
+    prefetch_factor: int = 2
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> LoaderOptions:
+        names = cls.__dataclass_fields__
+        kw = {k: getattr(cfg, k) for k in names if hasattr(cfg, k)}
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        if getattr(cfg, "micro_batch_size", 1) != 1:
+            raise ValueError(f"data.micro_batch_size={cfg.micro_batch_size}: packed rows are b=1; raise max_seq_len "
+                             f"or the number of micro-batches per step instead")
+        return cls(**kw)
+
+
+class SampleDecoder:
+    """Reads one sample by (pool, item) and turns it into ids, answer mask, 3D positions and patches."""
+
+    def __init__(self, root: str, ps: PoolSet, tokenizer, improc: ImageProcessor, rope_kwargs: dict):
+        self.root, self.ps, self.tok, self.improc, self.rope_kwargs = root, ps, tokenizer, improc, rope_kwargs
+        self.ids = special_ids(tokenizer)
+        self._files: OrderedDict[int, object] = OrderedDict()
+
+    def _file(self, shard: int):
+        f = self._files.pop(shard, None)
+        if f is None:
+            f = open(os.path.join(self.root, self.ps.shard_paths[shard]), "rb")
+            if len(self._files) >= 16:
+                self._files.popitem(last=False)[1].close()
+        self._files[shard] = f
+        return f
+
+    def __call__(self, pool: int, item: int) -> ProcessedSample:
+        from megatron_mmpl.models.qwen25vl.rope_index import rope_index
+
+        p = self.ps.pools[pool]
+        key, members = read_members(self._file(int(p.shard[item])), int(p.offset[item]), int(p.nbytes[item]))
+        s = Sample.from_members(key, members)
+        pvs, grids = [], []
+        for page in s.pages:
+            pv, g = self.improc(page)
+            pvs.append(pv), grids.append(g)
+        m2 = self.improc.cfg.merge_size ** 2
+        ids, mask = render(s.messages, [t * h * w // m2 for t, h, w in grids], self.tok, self.ids)
+        if len(ids) != int(p.n_tokens[item]):
+            raise ValueError(f"sample {key}: {len(ids)} tokens now but {int(p.n_tokens[item])} at build time "
+                             f"(different tokenizer or image processor than the shards were built with)")
+        grid = np.asarray(grids, np.int64).reshape(-1, 3)
+        pos, _ = rope_index(torch.from_numpy(ids), image_grid_thw=torch.from_numpy(grid), **self.rope_kwargs)
+        return ProcessedSample(ids, mask, pos, np.concatenate(pvs) if pvs else np.zeros((0, 0), np.float32), grid,
+                               key=key, task=s.task)
+
+
+class WorkerStream:
+    """The packed-batch stream of one logical loader worker of one DP rank."""
+
+    def __init__(self, ds: LongDocDataset, worker: int, state: dict | None):
+        self.ds, self.worker = ds, worker
+        o = ds.opts
+        self.buffer = PackingBuffer(o.max_seq_len, o.pack_buffer, o.pad_multiple)
+        self.g = 0
+        self.cursors = np.zeros(len(ds.ps.pools), np.int64)
+        self.counters = dict(batches=0, samples=0, skipped_long=0, corrupt=0, consecutive_failures=0)
+        if state is not None:
+            self.g = int(state["g"])
+            self.cursors = np.asarray(state["cursors"], np.int64)
+            self.buffer.load(state["buffer"])
+            self.counters = dict(state["counters"])
+
+    def state(self) -> dict:
+        return dict(g=self.g, cursors=self.cursors.tolist(), buffer=copy.deepcopy(self.buffer.state()),
+                    counters=dict(self.counters))
+
+    def _next_item(self) -> None:
+        ds, W = self.ds, self.ds.n_workers
+        while True:
+            g = self.g
+            self.g += 1
+            pool = ds.draws.pool_of(g)
+            c = int(self.cursors[pool])
+            self.cursors[pool] += 1
+            if g % W != self.worker:
+                continue
+            item = ds.streams.item(pool, c * ds.dp_size + ds.dp_rank)
+            n = int(ds.ps.pools[pool].n_tokens[item])
+            if padded_len(n, ds.opts.pad_multiple) > ds.opts.max_seq_len:
+                if not ds.opts.skip_long:
+                    raise ValueError(f"sample {ds.ps.pools[pool].keys[item]} has {n} tokens > max_seq_len="
+                                     f"{ds.opts.max_seq_len}; raise max_seq_len or set skip_long")
+                self.counters["skipped_long"] += 1
+                continue
+            self.buffer.add(n, [pool, item])
+            return
+
+    def next_bin(self) -> list:
+        while not self.buffer.full():
+            self._next_item()
+        return self.buffer.pop_bin()
+
+    def __iter__(self):
+        ds = self.ds
+        while True:
+            samples = []
+            for pool, item in self.next_bin():
+                try:
+                    samples.append(ds.decoder(pool, item))
+                    self.counters["consecutive_failures"] = 0
+                except Exception as e:  # noqa: BLE001 - a corrupt sample must not kill the run
+                    self.counters["corrupt"] += 1
+                    self.counters["consecutive_failures"] += 1
+                    p = ds.ps.pools[pool]
+                    log.warning("skipping undecodable sample %s (%s @%d): %s: %s", p.keys[item],
+                                ds.ps.shard_paths[int(p.shard[item])] if ds.ps.shard_paths else "-",
+                                int(p.offset[item]), type(e).__name__, e)
+                    if self.counters["consecutive_failures"] >= ds.opts.max_consecutive_failures:
+                        raise RuntimeError(
+                            f"{self.counters['consecutive_failures']} consecutive samples failed to decode (last: "
+                            f"{p.keys[item]}: {type(e).__name__}: {e}); the shards under {ds.root} look corrupt or "
+                            f"were built with another tokenizer/image processor") from e
+            if not samples:
+                continue
+            self.counters["batches"] += 1
+            self.counters["samples"] += len(samples)
+            batch = collate_packed(samples, ds.pad_id, ds.opts.pad_multiple,
+                                   ds.opts.max_seq_len if ds.opts.pad_to_max_len else None, ds.patch_dim)
+            info = dict(keys=[s.key for s in samples], tasks=[s.task for s in samples],
+                        lengths=[len(s.input_ids) for s in samples])
+            yield batch, info, self.state()
+
+
+class LongDocDataset(torch.utils.data.IterableDataset):
+    """Infinite packed micro-batches for one DP rank; worker w of W runs logical stream (w + rotation) mod W."""
+
+    def __init__(self, opts: LoaderOptions, tokenizer, dp_rank: int, dp_size: int,
+                 image_processor: ImageProcessor | None = None, rope_kwargs: dict | None = None,
+                 pools: PoolSet | None = None):
+        self.opts, self.dp_rank, self.dp_size = opts, dp_rank, dp_size
+        self.n_workers = max(1, opts.num_workers)
+        self.root = opts.shards
+        if pools is None:
+            index = load_index(opts.shards)
+            _check_build(index, tokenizer, image_processor)
+            if image_processor is None:
+                image_processor = ImageProcessor(ImageProcessorConfig.from_dict(index["image_processor"]))
+            pools = PoolSet.from_index(opts.shards, index)
+        self.ps = pools
+        self.improc = image_processor or ImageProcessor()
+        c = self.improc.cfg
+        self.patch_dim = 3 * c.temporal_patch_size * c.patch_size ** 2
+        self.weights = pool_weights(self.ps, opts.recipe, opts.task_weights, opts.min_len, opts.max_len)
+        self.draws = DrawSequence(self.ps, self.weights, opts.seed)
+        self.streams = PoolStream(self.ps, opts.seed)
+        if tokenizer is not None:
+            sid = special_ids(tokenizer)
+            self.pad_id = sid.endoftext
+            rope_kwargs = rope_kwargs or dict(
+                spatial_merge_size=c.merge_size, tokens_per_second=2, image_token_id=sid.image_pad,
+                video_token_id=sid.video_pad, vision_start_token_id=sid.vision_start)
+            self.decoder = SampleDecoder(self.root, self.ps, tokenizer, self.improc, rope_kwargs)
+        self.start_states: dict[int, dict] = {}
+        self.rotation = 0
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        phys = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.n_workers:
+            raise RuntimeError(f"DataLoader has {info.num_workers} workers, dataset expects {self.n_workers}")
+        logical = (phys + self.rotation) % self.n_workers
+        stream = WorkerStream(self, logical, self.start_states.get(logical))
+        for batch, meta, st in stream:
+            batch["_meta"] = dict(worker=logical, state=st, info=meta)
+            yield batch
+
+
+class LongDocLoader:
+    """Iterable of packed micro-batches (dicts of the contract's tensors) with exact-resume state."""
+
+    def __init__(self, dataset: LongDocDataset):
+        self.dataset = dataset
+        self.workers: dict[int, dict] = dict(dataset.start_states)
+        self.consumed = 0
+        self.last_info: dict = {}
+
+    def __iter__(self):
+        ds = self.dataset
+        o = ds.opts
+        dl = torch.utils.data.DataLoader(
+            ds, batch_size=None, num_workers=o.num_workers,
+            prefetch_factor=o.prefetch_factor if o.num_workers > 0 else None,
+            multiprocessing_context="fork" if o.num_workers > 0 else None,
+        )
+        for batch in dl:
+            meta = batch.pop("_meta")
+            self.workers[int(meta["worker"])] = meta["state"]
+            self.consumed += 1
+            self.last_info = meta["info"]
+            yield batch
+
+    def state_dict(self) -> dict:
+        ds = self.dataset
+        return dict(version=STATE_VERSION, seed=ds.opts.seed, dp_rank=ds.dp_rank, dp_size=ds.dp_size,
+                    num_workers=ds.n_workers, next_worker=(ds.rotation + self.consumed) % ds.n_workers,
+                    workers={str(k): copy.deepcopy(v) for k, v in self.workers.items()})
+
+    def load_state_dict(self, state: dict) -> None:
+        ds = self.dataset
+        want = dict(version=STATE_VERSION, seed=ds.opts.seed, dp_rank=ds.dp_rank, dp_size=ds.dp_size,
+                    num_workers=ds.n_workers)
+        bad = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
+        if bad:
+            raise ValueError(f"loader state does not fit this loader (saved, now): {bad}; resume with the same "
+                             f"seed, data-parallel size and data.num_workers")
+        ds.start_states = {int(k): copy.deepcopy(v) for k, v in state["workers"].items()}
+        ds.rotation = int(state["next_worker"])
+        self.workers = dict(ds.start_states)
+        self.consumed = 0
+
+    def stats(self) -> dict:
+        """Counters summed over this rank's workers (as of the last batch each delivered)."""
+        out: dict[str, int] = {}
+        for st in self.workers.values():
+            for k, v in st["counters"].items():
+                if k != "consecutive_failures":
+                    out[k] = out.get(k, 0) + int(v)
+        return out
+
+
+def _check_build(index: dict, tokenizer, improc: ImageProcessor | None) -> None:
+    if tokenizer is not None and index.get("tokenizer") and index["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"shards were built with tokenizer {index['tokenizer']} ({index.get('tokenizer_name')}) but "
+                         f"this tokenizer is {tokenizer_fingerprint(tokenizer)}: token lengths would not match; "
+                         f"rebuild the shards with this tokenizer or load the one they were built with")
+    if improc is not None and index.get("image_processor"):
+        built = ImageProcessorConfig.from_dict(index["image_processor"])
+        if built != improc.cfg:
+            raise ValueError(f"shards were built with image processor {built} but the loader uses {improc.cfg}")
+
+
+def dp_rank_and_size() -> tuple[int, int]:
+    """Data-parallel rank/size from megatron's parallel_state (TP/CP/PP peers share them); (0, 1) without it."""
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    except ImportError:
+        pass
+    return 0, 1
+
+
+def build_train_loader(data_cfg, tokenizer, *, dp_rank: int | None = None, dp_size: int | None = None,
+                       pad_multiple: int | None = None, hf_config=None,
+                       image_processor: ImageProcessor | None = None, **overrides) -> LongDocLoader:
+    """The training loader for this DP rank. data_cfg: a DataConfig (shards, recipe, min_len, max_len, task_weights,
+    max_seq_len, num_workers, seed; optional LoaderOptions fields); dp rank/size default to parallel_state's;
+    pad_multiple: 2·CP·TP when sequence/context parallel needs it; hf_config: Qwen2_5_VLConfig for rope ids."""
+    opts = LoaderOptions.from_config(data_cfg, pad_multiple=pad_multiple, **overrides)
+    if not opts.shards:
+        raise ValueError("data.shards is empty: point it at a directory written by `mmpl data build` / `synth`")
+    if dp_rank is None or dp_size is None:
+        dp_rank, dp_size = dp_rank_and_size()
+    if opts.pad_to_max_len and opts.max_seq_len % opts.pad_multiple:
+        raise ValueError(f"max_seq_len={opts.max_seq_len} is not a multiple of pad_multiple={opts.pad_multiple}")
+    rope_kwargs = None
+    if hf_config is not None:
+        from megatron_mmpl.models.qwen25vl.rope_index import rope_index_kwargs
+
+        rope_kwargs = rope_index_kwargs(hf_config)
+    ds = LongDocDataset(opts, tokenizer, dp_rank, dp_size, image_processor, rope_kwargs)
+    return LongDocLoader(ds)
