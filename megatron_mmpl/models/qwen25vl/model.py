@@ -6,11 +6,12 @@ from collections.abc import Callable
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mmpl.models.qwen25vl.configs import Qwen25VLConfigs
-from megatron_mmpl.models.qwen25vl.specs import language_layer_spec, vision_layer_spec
+from megatron_mmpl.models.qwen25vl.specs import block_spec, language_layer_spec, vision_layer_spec
 from megatron_mmpl.models.qwen25vl.vision_model import Qwen25VisionModel
 
 
@@ -31,6 +32,7 @@ class Qwen25VLModel(MegatronModule):
     ):
         super().__init__(config=cfgs.language)
         self.cfgs = cfgs
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.pre_process, self.post_process = pre_process, post_process
         self.image_token_id, self.video_token_id = cfgs.image_token_id, cfgs.video_token_id
         self.vision_model = None
@@ -38,7 +40,8 @@ class Qwen25VLModel(MegatronModule):
             spec = vision_layer_spec(cfgs.vision_dims.fullatt_block_indexes, attention_backend)
             self.vision_model = Qwen25VisionModel(cfgs.vision, cfgs.projector, cfgs.vision_dims, spec)
         self.language_model = GPTModel(
-            config=cfgs.language, transformer_layer_spec=language_layer_spec(attention_backend),
+            config=cfgs.language,
+            transformer_layer_spec=block_spec(language_layer_spec(attention_backend), cfgs.language, vp_stage),
             vocab_size=cfgs.vocab_size, max_sequence_length=cfgs.max_position_embeddings,
             pre_process=pre_process, post_process=post_process, parallel_output=True,
             share_embeddings_and_output_weights=cfgs.tie_embeddings, position_embedding_type="mrope",

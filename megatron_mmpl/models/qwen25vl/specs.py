@@ -9,12 +9,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm with megatron's norm constructor. Under sequence parallelism its weight is marked
+    `sequence_parallel`, so megatron's finalize_model_grads sums its gradient over TP (as apex/TE norms do;
+    megatron's own torch-norm wrapper refuses sequence parallelism)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
 
 
 @dataclass
@@ -48,11 +60,24 @@ class VisionTransformerLayer(TransformerLayer):
         return super().forward(*args, **kwargs)
 
 
+def _with_norms(spec: ModuleSpec) -> ModuleSpec:
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    return spec
+
+
 def language_layer_spec(backend: str | None = None) -> ModuleSpec:
     """The LM decoder layer: megatron local spec (RMSNorm, GQA with qkv bias, SwiGLU) + CoreAttention."""
     from megatron_mmpl.attention.specs import gpt_layer_spec
 
-    return gpt_layer_spec(normalization="RMSNorm", backend=backend)
+    return _with_norms(gpt_layer_spec(normalization="RMSNorm", backend=backend))
+
+
+def block_spec(layer_spec: ModuleSpec, config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers plus our RMSNorm as the final norm."""
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec] * get_num_layers_to_build(config, vp_stage), layer_norm=RMSNorm
+    )
 
 
 def vision_layer_spec(full_attention_layers, backend: str | None = None) -> ModuleSpec:
@@ -61,7 +86,7 @@ def vision_layer_spec(full_attention_layers, backend: str | None = None) -> Modu
 
     from megatron_mmpl.attention.specs import with_core_attention
 
-    spec = with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), backend)
+    spec = _with_norms(with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), backend))
     spec.module = VisionTransformerLayer
     spec.params = {**spec.params, "full_attention_layers": tuple(int(i) for i in full_attention_layers)}
     spec.submodules.self_attention.params = {**spec.submodules.self_attention.params,

@@ -10,7 +10,12 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_mmpl.models.qwen25vl.configs import VisionDims
-from megatron_mmpl.models.qwen25vl.specs import VisionSegments, packed_seq_params, projector_submodules
+from megatron_mmpl.models.qwen25vl.specs import (
+    VisionSegments,
+    block_spec,
+    packed_seq_params,
+    projector_submodules,
+)
 from megatron_mmpl.models.qwen25vl.vision_geometry import (
     frame_cu_seqlens,
     vision_rope_freqs,
@@ -29,7 +34,9 @@ class Qwen25VisionModel(MegatronModule):
             dims.in_channels, config.hidden_size, kernel_size=k, stride=k, bias=False, dtype=config.params_dtype
         )
         # final_layernorm of the block is the merger's norm (applied per patch before merging).
-        self.decoder = TransformerBlock(config, layer_spec, post_layer_norm=True, pre_process=True, post_process=True)
+        self.decoder = TransformerBlock(
+            config, block_spec(layer_spec, config), post_layer_norm=True, pre_process=True, post_process=True
+        )
         self.merge_unit = dims.spatial_merge_size**2
         self.projection = MultimodalProjector(
             projector_config, projector_submodules(), "mlp", input_size=config.hidden_size * self.merge_unit
@@ -48,20 +55,27 @@ class Qwen25VisionModel(MegatronModule):
         if bad.any():
             raise ValueError(f"grid_thw rows {grid_thw[bad].tolist()}: h and w must be multiples of "
                              f"spatial_merge_size={d.spatial_merge_size}")
-        dev = pixel_values.device
         x = pixel_values.to(self.patch_embed.weight.dtype).view(
             n, d.in_channels, d.temporal_patch_size, d.patch_size, d.patch_size
         )
         x = self.patch_embed(x).view(n, -1)  # [n, h]
-        order, cu_window = window_order(grid_thw, d.spatial_merge_size, d.window_size, d.patch_size)
-        perm = (order[:, None] * unit + torch.arange(unit)).view(-1).to(dev)  # patch order in windows
-        freqs = vision_rope_freqs(grid_thw, d.spatial_merge_size, self.config.kv_channels, d.rope_theta).to(dev)
-        freqs = freqs[perm]
-        rope = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [n, 1, 1, head_dim]
-        segs = VisionSegments(
-            window=packed_seq_params(cu_window.to(dev)), full=packed_seq_params(frame_cu_seqlens(grid_thw).to(dev))
-        )
+        order, perm, rope, segs = self.window_layout(grid_thw, x.device)
         h = self.decoder(x[perm][:, None, :], attention_mask=None, rotary_pos_emb=rope, packed_seq_params=segs)
         h = h.reshape(n // unit, 1, -1)  # [n/m², 1, m²·h]: each merge block's patches side by side
         out = self.projection(h).squeeze(1)  # [n/m², LM hidden]
-        return out[torch.argsort(order).to(dev)]  # back to processor order
+        return out[torch.argsort(order).to(x.device)]  # back to processor order
+
+    def window_layout(self, grid_thw, device):
+        """Window order of merge blocks, the matching patch permutation, RoPE angles [n, 1, 1, head_dim] in
+        window order, and the attention segments of both block kinds."""
+        d, unit = self.dims, self.merge_unit
+        order, cu_window = window_order(grid_thw, d.spatial_merge_size, d.window_size, d.patch_size)
+        perm = (order[:, None] * unit + torch.arange(unit)).view(-1).to(device)  # patch order in windows
+        freqs = vision_rope_freqs(grid_thw, d.spatial_merge_size, self.config.kv_channels, d.rope_theta).to(device)
+        freqs = freqs[perm]
+        rope = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [n, 1, 1, head_dim]
+        segs = VisionSegments(
+            window=packed_seq_params(cu_window.to(device)),
+            full=packed_seq_params(frame_cu_seqlens(grid_thw).to(device)),
+        )
+        return order, perm, rope, segs
