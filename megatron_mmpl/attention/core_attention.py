@@ -122,7 +122,7 @@ class CoreAttention(MegatronModule):
             if b != 1:
                 raise ValueError(f"packed_seq_params needs packed rows with b=1, got b={b}")
             cu_kv = packed_seq_params.cu_seqlens_kv
-            if cu_kv is not None and not torch.equal(cu_kv.cpu(), cu_q.cpu()):
+            if cu_kv is not None and cu_kv is not cu_q and not torch.equal(cu_kv.cpu(), cu_q.cpu()):
                 raise NotImplementedError("CoreAttention is self-attention on packed rows: cu_seqlens_kv must "
                                           "equal cu_seqlens_q")
         cu = segment_bounds(cu_q, sq * cp)
@@ -139,7 +139,7 @@ class CoreAttention(MegatronModule):
             from megatron_mmpl.attention.flex import document_block_mask, flex_packed
 
             key = (tuple(cu), cp_rank, cp, causal, q.device)
-            mask = document_block_mask(key, *token_coords(blocks, cu, q.device), causal, b)
+            mask = document_block_mask(key, lambda: token_coords(blocks, cu, q.device), causal)
             return flex_packed(q, k, v, mask, self.softmax_scale)
         from megatron_mmpl.attention.sdpa import sdpa_blocks
 

@@ -16,10 +16,14 @@ def _flex():
     return _COMPILED["flex"]
 
 
-def document_block_mask(key, q_seg, q_pos, kv_seg, kv_pos, causal: bool, batch: int):
-    """Block mask for 'same segment (and not in the future)'; cached by `key` (hashable description)."""
+def document_block_mask(key, coords, causal: bool):
+    """Block mask for 'same segment (and not in the future)', cached by `key` (a hashable description).
+
+    coords: () → (q_seg, q_pos, kv_seg, kv_pos), called only on a cache miss.
+    """
     if key in _MASKS:
         return _MASKS[key]
+    q_seg, q_pos, kv_seg, kv_pos = coords()
 
     def mask_mod(b, h, qi, ki):
         same = q_seg[qi] == kv_seg[ki]

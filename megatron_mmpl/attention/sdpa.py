@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from megatron_mmpl.attention.segments import Block
+
+# On GPU repeat GQA heads before SDPA so the cuDNN/flash kernels are eligible; MMPL_SDPA_EXPAND_KV=0 passes
+# enable_gqa instead (less memory; benchmarks/bench_attention.py measures both as sdpa / sdpa-gqa).
+EXPAND_KV_ON_GPU = os.environ.get("MMPL_SDPA_EXPAND_KV", "1") == "1"
 
 
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -19,7 +25,7 @@ def sdpa_blocks(q, k, v, blocks: list[Block], scale: float, dropout_p: float = 0
     qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
     groups = q.shape[2] // k.shape[2]
     # CPU math supports enable_gqa; on GPU expand the heads so cuDNN/flash are eligible.
-    expand = groups > 1 and q.is_cuda
+    expand = groups > 1 and q.is_cuda and EXPAND_KV_ON_GPU
     outs = []
     for blk in blocks:
         qs = qh[:, :, blk.q_start : blk.q_start + blk.q_len]

@@ -9,6 +9,7 @@ multiple of 2·CP (·TP with sequence parallel), cut into 2·CP equal chunks, an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -46,10 +47,15 @@ def zigzag_index(cu_seqlens_padded, cp_rank: int, cp_size: int) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def zigzag_unshuffle_index(cu_seqlens_padded, cp_size: int) -> torch.Tensor:
+def zigzag_unshuffle_index(cu_seqlens_padded, cp_size: int, device=None) -> torch.Tensor:
     """Permutation taking the rank-major concatenation of all ranks' local rows to padded-row order."""
-    held = torch.cat([zigzag_index(cu_seqlens_padded, r, cp_size) for r in range(cp_size)])
-    return torch.argsort(held)
+    return _unshuffle(tuple(_as_list(cu_seqlens_padded)), cp_size, torch.device(device or "cpu"))
+
+
+@lru_cache(maxsize=16)  # every layer of a forward asks for the same one (K and V): build and copy it once
+def _unshuffle(cu: tuple, cp_size: int, device: torch.device) -> torch.Tensor:
+    held = torch.cat([zigzag_index(cu, r, cp_size) for r in range(cp_size)])
+    return torch.argsort(held).to(device)
 
 
 @dataclass
@@ -89,7 +95,7 @@ class ZigzagPlan:
         """
         moved = x_local.movedim(seq_dim, 0)
         full = all_gather_first_dim(moved, group)  # [cp * s_local, ...] rank-major
-        full = full.index_select(0, zigzag_unshuffle_index(self.cu_seqlens_padded, self.cp_size).to(full.device))
+        full = full.index_select(0, zigzag_unshuffle_index(self.cu_seqlens_padded, self.cp_size, full.device))
         if not keep_padding:
             full = full.index_select(0, self.dest.to(full.device))
         return full.movedim(0, seq_dim)
@@ -135,6 +141,9 @@ def split_packed_batch(batch: dict, cp_rank: int, cp_size: int, multiple: int | 
 def packed_seq_params(cu_seqlens, device=None):
     """megatron PackedSeqParams for CoreAttention: global (padded) boundaries, `sbhd` so RoPE is applied per token.
 
+    Keep `device` None (CPU) for the sdpa/flex backends: they read the boundaries on the host every layer, and a
+    GPU copy would cost a device sync per layer (the te backend moves them to the GPU itself).
+
     qkv_format stays 'sbhd' on purpose: megatron's 'thd' RoPE path re-slices frequencies per segment for CP,
     which is wrong when M-RoPE positions are per-token data already split with the tokens.
     """
@@ -179,7 +188,7 @@ def gather_kv_for_cp(x_local: torch.Tensor, cu_seqlens_padded, group) -> torch.T
     """K or V [s_local, b, n, d] on each CP rank → the full padded row [s_full, b, n, d] in packed order."""
     cp = dist.get_world_size(group)
     full = all_gather_first_dim(x_local, group)
-    return full.index_select(0, zigzag_unshuffle_index(cu_seqlens_padded, cp).to(full.device))
+    return full.index_select(0, zigzag_unshuffle_index(cu_seqlens_padded, cp, full.device))
 
 
 class _AllGatherUneven(torch.autograd.Function):
