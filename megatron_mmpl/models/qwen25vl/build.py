@@ -44,7 +44,10 @@ def build_model(
         pre_process = ps.is_pipeline_first_stage()
     if post_process is None:
         post_process = ps.is_pipeline_last_stage()
-    return Qwen25VLModel(cfgs, pre_process, post_process, attention_backend=attention_backend, vp_stage=vp_stage)
+    model = Qwen25VLModel(cfgs, pre_process, post_process, attention_backend=attention_backend, vp_stage=vp_stage)
+    if torch.cuda.is_available():  # megatron layers are born on the GPU; the conv and norms are torch modules
+        model.cuda(torch.cuda.current_device())
+    return model
 
 
 def full_name(model: Qwen25VLModel, local_name: str) -> str:
