@@ -386,7 +386,7 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"plan {plan.name}: {hw.nodes} node(s) x {hw.gpus_per_node} GPU(s) of {hw.gpu_mem_gib:g} GiB "
         f"(usable {hw.budget_bytes / GiB:.1f} GiB)",
-        f"  model {plan.params / 1e9:.2f}B params; layout tp={plan.tp} pp={plan.pp} cp={plan.cp} dp={plan.dp}, "
+        f"  model {_count(plan.params)} params; layout tp={plan.tp} pp={plan.pp} cp={plan.cp} dp={plan.dp}, "
         f"recompute={plan.recompute}",
         f"  batch: {plan.global_batch} rows x {plan.seq_len} tokens = {plan.tokens_per_step:,} tokens/step; "
         f"micro-batch {plan.micro_batch} row(s), {plan.micro_batches_per_step} micro-batches per step per DP rank",
@@ -402,3 +402,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  fits: {plan.peak.total / GiB:.1f} of {hw.budget_bytes / GiB:.1f} GiB" if plan.fits
                  else f"  REFUSED: {plan.refusal}")
     return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"

@@ -1,0 +1,166 @@
+"""`mmpl plan`: parameter counts equal transformers', every shipped preset fits its own plan and is what the
+generator writes, the default preset is the MMProLong recipe, and impossible layouts are refused with the reason."""
+
+import os
+import sys
+
+import pytest
+import yaml
+
+from megatron_mmpl.cli import main as mmpl
+from megatron_mmpl.config.load import load_config
+from megatron_mmpl.config.plan import (
+    GiB,
+    Hardware,
+    ModelShape,
+    PlanError,
+    lm_layer_activation_bytes,
+    load_shape,
+    plan_config,
+    total_params,
+)
+from megatron_mmpl.config.plan_command import PRESET_DIR, plan_preset, preset_names, read_hardware
+
+pytestmark = pytest.mark.unit
+
+RECIPE = "examples/recipes/mmprolong-7b.yaml"
+
+
+@pytest.mark.parametrize("name", ["qwen25vl-3b", "qwen25vl-7b", "qwen25vl-72b"])
+def test_param_count_equals_transformers(name):
+    """The planner's parameter formulas (LM, ViT blocks, patch embed, merger; tied or not) vs the HF model."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from megatron_mmpl.models.qwen25vl.presets import preset_dict
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**preset_dict(name)))
+    hf = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    assert total_params(load_shape(name)) == hf
+
+
+def test_every_shipped_preset_fits_its_own_plan(capsys):
+    names = sorted(preset_names())
+    assert "mmprolong-7b" in names and "tiny" in names and len(names) >= 60
+    for name in names:
+        head = read_hardware(os.path.join(PRESET_DIR, f"{name}.yaml"))
+        assert {"nodes", "gpus", "gpu_mem"} <= set(head), f"{name}: no `# plan:` header"
+        plan = plan_preset(name)
+        assert plan.fits, f"{name}: {plan.refusal}"
+        assert plan.peak.total <= plan.hardware.budget_bytes
+    assert mmpl(["plan", "--all"]) == 0
+    assert mmpl(["plan", "--preset", "mmprolong-7b"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/step" in out and "1193 steps" in out and "fits:" in out
+
+
+def test_grid_covers_the_issue():
+    """7B at 32K-512K on 1-32 nodes of H100 and H200 (each shipped or refused with a reason), 32B/72B at 128K."""
+    names = set(preset_names())
+    index = open(os.path.join(PRESET_DIR, "INDEX.md")).read()
+    for gpu in ("h100", "h200"):
+        for nodes in (1, 2, 4, 8, 16, 32):
+            for seq in (32, 64, 128, 256, 512):
+                name = f"qwen25vl-7b-{seq}k-{nodes}n-{gpu}"
+                assert name in names or f"`{name}`: nothing fits" in index, name
+        assert f"qwen25vl-32b-128k-8n-{gpu}" in names and f"qwen25vl-72b-128k-16n-{gpu}" in names
+    for seq in (32, 64, 128, 256, 512):  # every length has some H100 preset
+        assert any(n.startswith(f"qwen25vl-7b-{seq}k-") and n.endswith("h100") for n in names)
+
+
+def test_shipped_presets_are_what_the_generator_writes():
+    sys.path.insert(0, PRESET_DIR)
+    try:
+        import generate
+    finally:
+        sys.path.remove(PRESET_DIR)
+    files, _ = generate.generate()
+    shipped = {f for f in os.listdir(PRESET_DIR) if f.startswith(("qwen25vl-", "mmprolong-")) or f == "INDEX.md"}
+    assert shipped == set(files), "run `python launch/presets/generate.py` and commit the result"
+    for fname, text in files.items():
+        with open(os.path.join(PRESET_DIR, fname)) as f:
+            assert f.read() == text, f"{fname} is stale: run `python launch/presets/generate.py`"
+
+
+def test_default_preset_is_the_mmprolong_recipe():
+    preset = load_config(os.path.join(PRESET_DIR, "mmprolong-7b.yaml"))
+    recipe = load_config(RECIPE)
+    assert preset.optim == recipe.optim and preset.schedule == recipe.schedule
+    assert preset.model.hf_config == "qwen25vl-7b"
+    d, r = preset.data, recipe.data
+    assert (d.recipe, d.min_len, d.max_len, d.max_seq_len, d.task_weights) == (
+        r.recipe, r.min_len, r.max_len, r.max_seq_len, r.task_weights)
+    assert (d.min_len, d.max_len, d.task_weights) == (32768, 131072, {"extraction": 0.8, "reasoning": 0.2})
+    assert preset.optim.min_lr == pytest.approx(0.1 * preset.optim.lr) and preset.optim.warmup == 0.1
+    plan = plan_preset("mmprolong-7b")
+    assert plan.tokens_per_step == 32 * 131072 and plan.train_steps == -(-5_000_000_000 // (32 * 131072))
+
+
+def _cfg(*overrides):
+    return load_config(RECIPE, list(overrides))
+
+
+def test_refusals_name_the_reason(capsys):
+    hw8 = Hardware(nodes=1, gpus_per_node=8, gpu_mem_gib=80)
+    cases = [
+        (_cfg("parallel.tp=8", "parallel.cp=1"), hw8, "parallel.tp=8 does not divide LM attention heads=28"),
+        (_cfg("parallel.tp=4", "parallel.cp=4"), hw8, "does not divide the world size 8"),
+        (_cfg("parallel.tp=4", "parallel.cp=1"), Hardware(2, 2, 80), "spans nodes"),
+        (_cfg("parallel.cp=2", "parallel.tp=4", "data.max_seq_len=131076", "data.max_len=131076"),
+         hw8, r"data.max_seq_len=131076 must be a multiple of 8 \(2·cp, and cp·tp with sequence parallel\)"),
+    ]
+    for cfg, hw, reason in cases:
+        with pytest.raises(PlanError, match=reason):
+            plan_config(cfg, hw)
+    # A legal layout that is far too big: 7B at 128K on one GPU.
+    plan = plan_config(_cfg("parallel.tp=1", "parallel.cp=1", "parallel.sequence_parallel=false",
+                            "data.global_batch_size=32"), Hardware(1, 1, 80))
+    assert not plan.fits and "does not fit: stage 0 needs" in plan.refusal and "over the 68.4 GiB" in plan.refusal
+    rc = mmpl(["plan", "--preset", "mmprolong-7b", "--nodes", "1", "--gpus", "1"])
+    err = capsys.readouterr()
+    assert rc == 1 and "does not divide the world size 1" in err.err
+    rc = mmpl(["plan", "--preset", "mmprolong-7b", "--gpu-mem", "24"])
+    assert rc == 1 and "REFUSED: does not fit" in capsys.readouterr().out
+
+
+def test_memory_terms_move_the_right_way():
+    """Recompute, freezing the ViT, CP, TP and more nodes each shrink the terms they should."""
+    hw = Hardware(4, 8, 80)
+    base = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=full"), hw).peak.terms
+    none = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=none"), hw).peak.terms
+    assert none["activations"] > 20 * base["activations"] and none["vit_activations"] > 5 * base["vit_activations"]
+    frozen = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=full", "model.freeze_vision=true"),
+                         hw).peak.terms
+    assert frozen["grads"] < base["grads"] and frozen["vit_activations"] < base["vit_activations"] / 10
+    cp8 = plan_config(_cfg("parallel.tp=2", "parallel.cp=8", "model.recompute=full"), hw).peak.terms
+    assert cp8["logits"] == pytest.approx(base["logits"] / 2) and cp8["optimizer"] == pytest.approx(base["optimizer"])
+    more = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=full"), Hardware(8, 8, 80)).peak.terms
+    assert more["optimizer"] == pytest.approx(base["optimizer"] / 2) and more["weights"] == base["weights"]
+    # Pipeline: stage 0 holds pp micro-batches in flight, the last stage one, and only the last has logits.
+    pp = plan_config(_cfg("parallel.tp=2", "parallel.cp=2", "parallel.pp=4", "model.recompute=full"), hw)
+    assert [s.in_flight for s in pp.stages] == [4, 3, 2, 1]
+    assert "logits" in pp.stages[-1].terms and "logits" not in pp.stages[0].terms
+
+
+def test_activation_formula_numbers():
+    """The per-layer formula at the 7B shape, spelled out (bf16, tp=4 with sequence parallel)."""
+    m = load_shape("qwen25vl-7b")
+    h, f, heads = 3584, 18944, 28
+    expected = 2 * (4 * h / 4 + 2 * h / 4 + 3 * f / 4) + 4 * heads / 4
+    assert lm_layer_activation_bytes(m, 4, True, "none") == expected
+    assert lm_layer_activation_bytes(m, 4, True, "selective") == expected - 4 * heads / 4
+    assert lm_layer_activation_bytes(m, 4, True, "full") == 2 * h / 4
+    assert lm_layer_activation_bytes(m, 4, False, "full") == 2 * h
+    assert isinstance(m, ModelShape) and m.head_dim == 128
+
+
+def test_header_and_overrides(tmp_path):
+    path = tmp_path / "p.yaml"
+    raw = yaml.safe_load(open(RECIPE))
+    path.write_text("# plan: nodes=2 gpus=8 gpu_mem=140\n" + yaml.safe_dump(raw))
+    plan = plan_preset(str(path))
+    assert (plan.hardware.nodes, plan.hardware.gpu_mem_gib, plan.dp) == (2, 140.0, 1)
+    plan = plan_preset(str(path), ["parallel.cp=2"], nodes=4)
+    assert (plan.cp, plan.dp) == (2, 4)  # 4 nodes x 8 GPUs over tp4 x cp2
+    assert plan.hardware.budget_bytes == pytest.approx((140 - 4) * 0.9 * GiB)
