@@ -123,7 +123,8 @@ class WorkerStream:
         return dict(g=self.g, cursors=self.cursors.tolist(), buffer=copy.deepcopy(self.buffer.state()),
                     counters=dict(self.counters))
 
-    def _next_item(self) -> None:
+    def draw(self) -> tuple[int, int, int]:
+        """(pool, item, n_tokens) of this worker's next sample; over-long samples are skipped and counted."""
         ds, W = self.ds, self.ds.n_workers
         while True:
             g = self.g
@@ -141,12 +142,12 @@ class WorkerStream:
                                      f"{ds.opts.max_seq_len}; raise max_seq_len or set skip_long")
                 self.counters["skipped_long"] += 1
                 continue
-            self.buffer.add(n, [pool, item])
-            return
+            return pool, item, n
 
     def next_bin(self) -> list:
         while not self.buffer.full():
-            self._next_item()
+            pool, item, n = self.draw()
+            self.buffer.add(n, [pool, item])
         return self.buffer.pop_bin()
 
     def __iter__(self):

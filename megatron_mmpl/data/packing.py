@@ -21,13 +21,17 @@ def padded_len(n: int, multiple: int) -> int:
 
 
 class PackingBuffer:
-    """Holds up to `size` items (length, payload); pop_bin() returns the first FFD bin of the buffer: the longest
-    item, then the longest items that still fit, oldest first among equal lengths."""
+    """Holds up to `size` items (length, payload). pop_bin() runs first-fit-decreasing over the buffer and emits the
+    fullest bin (the others wait for better partners); a bin holding an item older than `max_wait` pops goes
+    first, so no item starves."""
 
-    def __init__(self, max_seq_len: int, size: int = 16, pad_multiple: int = 1):
+    def __init__(self, max_seq_len: int, size: int = 16, pad_multiple: int = 1, max_wait: int | None = None):
         self.max_seq_len, self.size, self.pad_multiple = max_seq_len, size, pad_multiple
+        self.max_wait = max_wait if max_wait is not None else 4 * size
         self.items: list[tuple[int, int, object]] = []  # (padded length, arrival, payload)
         self._arrival = 0
+        self._pops = 0
+        self._born: dict[int, int] = {}  # arrival -> pop count when it arrived
 
     def full(self) -> bool:
         return len(self.items) >= self.size
@@ -37,26 +41,47 @@ class PackingBuffer:
         if n > self.max_seq_len:
             raise ValueError(f"item of {length} tokens (padded {n}) exceeds max_seq_len={self.max_seq_len}")
         self.items.append((n, self._arrival, payload))
+        self._born[self._arrival] = self._pops
         self._arrival += 1
 
+    def _ffd(self) -> list[list[int]]:
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(range(len(self.items)), key=lambda i: (-self.items[i][0], self.items[i][1])):
+            n = self.items[i][0]
+            for b in range(len(bins)):
+                if n <= room[b]:
+                    bins[b].append(i)
+                    room[b] -= n
+                    break
+            else:
+                bins.append([i])
+                room.append(self.max_seq_len - n)
+        return bins
+
     def pop_bin(self) -> list:
-        order = sorted(range(len(self.items)), key=lambda i: (-self.items[i][0], self.items[i][1]))
-        room, take = self.max_seq_len, []
-        for i in order:
-            if self.items[i][0] <= room:
-                take.append(i)
-                room -= self.items[i][0]
+        bins = self._ffd()
+        oldest = min(range(len(self.items)), key=lambda i: self.items[i][1])
+        if self._pops - self._born[self.items[oldest][1]] >= self.max_wait:
+            take = next(b for b in bins if oldest in b)
+        else:  # fullest bin; among equals the one with the oldest item
+            take = max(bins, key=lambda b: (sum(self.items[i][0] for i in b), -min(self.items[i][1] for i in b)))
+        self._pops += 1
         out = [self.items[i][2] for i in sorted(take, key=lambda i: self.items[i][1])]
         keep = set(take)
+        for i in take:
+            self._born.pop(self.items[i][1])
         self.items = [it for i, it in enumerate(self.items) if i not in keep]
         return out
 
     def state(self) -> dict:
-        return dict(items=[[n, a, p] for n, a, p in self.items], arrival=self._arrival)
+        return dict(items=[[n, a, p] for n, a, p in self.items], arrival=self._arrival, pops=self._pops,
+                    born=[[a, b] for a, b in self._born.items()])
 
     def load(self, st: dict) -> None:
         self.items = [(int(n), int(a), p) for n, a, p in st["items"]]
-        self._arrival = int(st["arrival"])
+        self._arrival, self._pops = int(st["arrival"]), int(st["pops"])
+        self._born = {int(a): int(b) for a, b in st["born"]}
 
 
 @dataclass
