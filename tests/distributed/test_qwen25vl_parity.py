@@ -70,6 +70,7 @@ def ref():
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
     grads = {n: p.grad for n, p in hf.named_parameters()}
     out["labels"] = labels
+    out["text_labels"] = _labels(b["text"], cfg.text_config.vocab_size, 6)
     out["grads"] = hf_to_mcore_dict(grads, cfg)
     # tied-embedding model (3B style)
     tied = tiny_hf_model("tiny-tied", seed=5)
@@ -110,8 +111,11 @@ def _run(model, batch, labels=None):
     return res[0] if labels is None and res else None
 
 
-def _tp1(ref_bytes):
-    """Everything at TP=1 in one process; returns measurements for the parent to assert on."""
+def _tp1(ref_bytes, ckpt_dir):
+    """Everything at TP=1 in one process; returns measurements for the parent to assert on. Also saves the
+    loaded model as a TP=1 megatron dist checkpoint (what the converter writes) for the layout test."""
+    from megatron.core import dist_checkpointing
+
     ref = pickle.loads(ref_bytes)  # plain pickle: tensors inline (multiprocessing would pass one fd per tensor)
     from megatron_mmpl.conversion.mapping import mcore_names
     from megatron_mmpl.models.qwen25vl.build import build_model, gather_full_weights, load_full_weights
@@ -124,6 +128,7 @@ def _tp1(ref_bytes):
     model = build_model(cfg).eval()
     res = {"names": sorted(n for n, _ in model.named_parameters()), "expected_names": sorted(mcore_names(cfg))}
     load_full_weights(model, ref["weights"])
+    dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
     vis, batch = model.vision_model, ref["batches"]["images"]
     # ViT block by block, fed HF's block inputs
     _, _, rope, segs = vis.window_layout(batch["image_grid_thw"], torch.device("cpu"))
@@ -153,6 +158,12 @@ def _tp1(ref_bytes):
         except ValueError as e:
             errs[name] = str(e)
     res["errors"] = errs
+    # text-only training batch: the dummy image keeps every ViT weight in the graph, with zero gradient
+    model.train()
+    model.zero_grad()
+    _run(model, ref["batches"]["text"], labels=ref["text_labels"])
+    res["text_only_grads"] = {n: None if p.grad is None else p.grad.abs().max().item()
+                              for n, p in model.vision_model.named_parameters()}
     # gradients of both towers
     model.train()
     model.zero_grad()
@@ -167,8 +178,11 @@ def _tp1(ref_bytes):
     return res
 
 
-def _layouts(ref_bytes):
-    """TP=2, TP=2+SP, PP=2 (uneven), TP=2×PP=2 on 4 ranks, one after another; logits per layout."""
+def _layouts(ref_bytes, ckpt_dir):
+    """TP=2, TP=2+SP, PP=2 (uneven), TP=2×PP=2 on 4 ranks, one after another; logits per layout. TP=2×PP=2
+    takes its weights from the TP=1 dist checkpoint (resharded on load), the others from the full dict."""
+    from megatron.core import dist_checkpointing
+
     ref = pickle.loads(ref_bytes)
     from megatron.core import parallel_state as ps
 
@@ -187,7 +201,10 @@ def _layouts(ref_bytes):
         initialize_parallel(tp=tp, pp=pp)
         torch.manual_seed(123)
         model = build_model(cfg, **kw).eval()
-        load_full_weights(model, ref["weights"])
+        if name == "tp2_pp2":
+            model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir))
+        else:
+            load_full_weights(model, ref["weights"])
         out = {"layers": [layer.layer_number for layer in model.language_model.decoder.layers]}
         with torch.no_grad():
             for k, b in ref["batches"].items():
@@ -205,8 +222,15 @@ def _layouts(ref_bytes):
     return res
 
 
-def test_tp1_matches_transformers(ref):
-    (res,) = run_distributed(_tp1, 1, pickle.dumps(ref), timeout=300)
+@pytest.fixture(scope="module")
+def tp1(ref, tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("tp1_ckpt")
+    (res,) = run_distributed(_tp1, 1, pickle.dumps(ref), str(ckpt), timeout=300)
+    return res, str(ckpt)
+
+
+def test_tp1_matches_transformers(tp1):
+    res, _ = tp1
     assert res["names"] == res["expected_names"], set(res["names"]) ^ set(res["expected_names"])
     assert res["block_kinds"] == [False, True, False, True]  # fullatt_block_indexes [1, 3]
     print("ViT blocks max|Δ|", res["blocks"], "with the other attention kind", res["swapped"])
@@ -224,8 +248,13 @@ def test_tp1_matches_transformers(ref):
     assert "pixel_values has shape" in res["errors"]["pixel_shape"], res["errors"]
 
 
-def test_tp_pp_layouts_match_transformers(ref):
-    per_rank = run_distributed(_layouts, 4, pickle.dumps(ref), timeout=600)
+def test_text_only_batch_reaches_every_vit_weight(tp1):
+    grads = tp1[0]["text_only_grads"]
+    assert grads and all(g == 0.0 for g in grads.values()), grads  # present (not None) and exactly zero
+
+
+def test_tp_pp_layouts_match_transformers(ref, tp1):
+    per_rank = run_distributed(_layouts, 4, pickle.dumps(ref), tp1[1], timeout=600)
     for name in per_rank[0]:
         seen = {}
         for r in per_rank:
