@@ -33,6 +33,18 @@ def _group_rank(group) -> int:
     return 0 if group is None else group.rank()
 
 
+def _bounds(packed_seq_params, cu_q, total: int) -> list[int]:
+    """Segment boundaries as a host list, memoised on the PackedSeqParams object: every layer of a forward gets
+    the same object, so a GPU cu_seqlens costs one device sync per forward, not one per layer."""
+    memo = getattr(packed_seq_params, "_mmpl_bounds", None)
+    if memo is not None and memo[0] == total and memo[1] is cu_q:
+        return memo[2]
+    cu = segment_bounds(cu_q, total)
+    if packed_seq_params is not None:
+        packed_seq_params._mmpl_bounds = (total, cu_q, cu)
+    return cu
+
+
 class CoreAttention(MegatronModule):
     """Packed-sequence core attention with selectable kernels (sdpa / flex / te) and context parallelism."""
 
@@ -61,7 +73,12 @@ class CoreAttention(MegatronModule):
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.pg_collection = pg_collection
         self.tp_group = getattr(pg_collection, "tp", None)
-        self.cp_group = getattr(pg_collection, "cp", None)
+        # CP only where the config asks for it: a tower built with context_parallel_size=1 (the ViT) attends
+        # locally even though megatron hands every Attention the global CP group.
+        self.cp_group = getattr(pg_collection, "cp", None) if config.context_parallel_size > 1 else None
+        if self.cp_group is not None and self.cp_group.size() != config.context_parallel_size:
+            raise ValueError(f"config.context_parallel_size={config.context_parallel_size} but the CP process "
+                             f"group has {self.cp_group.size()} ranks; build the model after initialize_parallel")
         tp = _group_size(self.tp_group)
         self.head_dim = config.kv_channels
         self.num_heads = divide(config.num_attention_heads, tp)
@@ -125,7 +142,7 @@ class CoreAttention(MegatronModule):
             if cu_kv is not None and cu_kv is not cu_q and not torch.equal(cu_kv.cpu(), cu_q.cpu()):
                 raise NotImplementedError("CoreAttention is self-attention on packed rows: cu_seqlens_kv must "
                                           "equal cu_seqlens_q")
-        cu = segment_bounds(cu_q, sq * cp)
+        cu = _bounds(packed_seq_params, cu_q, sq * cp)
         if cp > 1:
             from megatron_mmpl.parallel.context_parallel import gather_kv_for_cp
 
