@@ -77,13 +77,12 @@ class Qwen25VLModel(MegatronModule):
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        loss_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [b, s]; position_ids [3, b, s] (from rope_index); pixel_values [n_patches, C·T·P·P].
 
         `packed_seq_params`: PackedSeqParams(qkv_format='sbhd', cu_seqlens_q=cu_seqlens, ...) for packed rows
-        (b=1): the LM attends causally within each sample. `loss_mask` is not applied here (megatron convention:
-        the loss function weights the per-token loss).
+        (b=1): the LM attends causally within each sample. With labels, the per-token loss is returned unweighted
+        (megatron convention: the training loss function applies loss_mask).
         """
         decoder_input = None
         if self.pre_process:
