@@ -123,8 +123,8 @@ class WorkerStream:
         return dict(g=self.g, cursors=self.cursors.tolist(), buffer=copy.deepcopy(self.buffer.state()),
                     counters=dict(self.counters))
 
-    def draw(self) -> tuple[int, int, int]:
-        """(pool, item, n_tokens) of this worker's next sample; over-long samples are skipped and counted."""
+    def draw(self) -> tuple[int, int, int, int]:
+        """(pool, item, n_tokens, stream position) of this worker's next sample; over-long ones are skipped."""
         ds, W = self.ds, self.ds.n_workers
         while True:
             g = self.g
@@ -134,7 +134,8 @@ class WorkerStream:
             self.cursors[pool] += 1
             if g % W != self.worker:
                 continue
-            item = ds.streams.item(pool, c * ds.dp_size + ds.dp_rank)
+            pos = c * ds.dp_size + ds.dp_rank
+            item = ds.streams.item(pool, pos)
             n = int(ds.ps.pools[pool].n_tokens[item])
             if padded_len(n, ds.opts.pad_multiple) > ds.opts.max_seq_len:
                 if not ds.opts.skip_long:
@@ -142,21 +143,22 @@ class WorkerStream:
                                      f"{ds.opts.max_seq_len}; raise max_seq_len or set skip_long")
                 self.counters["skipped_long"] += 1
                 continue
-            return pool, item, n
+            return pool, item, n, pos
 
     def next_bin(self) -> list:
         while not self.buffer.full():
-            pool, item, n = self.draw()
-            self.buffer.add(n, [pool, item])
+            pool, item, n, pos = self.draw()
+            self.buffer.add(n, [pool, item, pos])
         return self.buffer.pop_bin()
 
     def __iter__(self):
         ds = self.ds
         while True:
-            samples = []
-            for pool, item in self.next_bin():
+            samples, epochs = [], []
+            for pool, item, pos in self.next_bin():
                 try:
                     samples.append(ds.decoder(pool, item))
+                    epochs.append(pos // len(ds.ps.pools[pool]))
                     self.counters["consecutive_failures"] = 0
                 except Exception as e:  # noqa: BLE001 - a corrupt sample must not kill the run
                     self.counters["corrupt"] += 1
@@ -177,7 +179,7 @@ class WorkerStream:
             batch = collate_packed(samples, ds.pad_id, ds.opts.pad_multiple,
                                    ds.opts.max_seq_len if ds.opts.pad_to_max_len else None, ds.patch_dim)
             info = dict(keys=[s.key for s in samples], tasks=[s.task for s in samples],
-                        lengths=[len(s.input_ids) for s in samples])
+                        lengths=[len(s.input_ids) for s in samples], epochs=epochs)
             yield batch, info, self.state()
 
 

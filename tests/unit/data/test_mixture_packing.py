@@ -36,7 +36,7 @@ def _realised(ps, recipe, task_weights, draws=10_000, **kw):
     ws = WorkerStream(ds, 0, None)
     tok_b, tok_t = {}, {}
     for _ in range(draws):
-        pool, _, n = ws.draw()
+        pool, _, n, _ = ws.draw()
         p = ps.pools[pool]
         tok_b[p.bucket] = tok_b.get(p.bucket, 0) + n
         tok_t[p.task] = tok_t.get(p.task, 0) + n
@@ -81,7 +81,7 @@ def _efficiency(slack_max, pack_buffer=16, bins=2000):
     opts = LoaderOptions(recipe="balanced", min_len=32 * K, max_len=128 * K, max_seq_len=128 * K,
                          pack_buffer=pack_buffer, num_workers=1, seed=0)
     ws = WorkerStream(LongDocDataset(opts, None, 0, 1, pools=ps), 0, None)
-    used = sum(int(ps.pools[p].n_tokens[i]) for _ in range(bins) for p, i in ws.next_bin())
+    used = sum(int(ps.pools[p].n_tokens[i]) for _ in range(bins) for p, i, _ in ws.next_bin())
     return used / (bins * 128 * K)
 
 
