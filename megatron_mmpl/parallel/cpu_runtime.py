@@ -35,6 +35,14 @@ class CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in (torch.Tensor.cuda,):
             return args[0]
+        if func is torch.Tensor.type:
+            # optimizer.distrib_optimizer / optimizer.optimizer (Float16OptimizerWithFloat16Params) and
+            # optimizer.clip_grads accept only params whose `.type()` is 'torch.cuda.{Float,BFloat16,Half}Tensor':
+            # report CPU tensors under their CUDA names, and map a CUDA type name given as a target back to CPU.
+            if len(args) == 1 and not kwargs:
+                return func(*args).replace("torch.", "torch.cuda.", 1)
+            if len(args) > 1 and isinstance(args[1], str):
+                args = (args[0], args[1].replace("torch.cuda.", "torch.", 1), *args[2:])
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": "cpu"}
         if func in (torch.Tensor.to,) and len(args) > 1 and _is_cuda_device(args[1]):

@@ -1,0 +1,278 @@
+"""Dist checkpoints (torch_dist): save, find the latest complete one, resume or load model weights only.
+
+Layout of `checkpoint.save`:
+    iter_0000100/               one complete checkpoint (megatron dist_checkpointing dir)
+        metadata.json, common.pt, *.distcp   model + optimizer (fully_reshardable: TP/PP/DP reshardable)
+        mmpl/config.yaml        the resolved run config
+        mmpl/data_dp{r}.pt      data-loader state of data-parallel rank r
+        mmpl/rng_{layout}_r{n}.pt   RNG states of global rank n under that layout
+    latest_checkpointed_iteration.txt   tracker: the newest complete step, written last and atomically
+
+A checkpoint is written into `iter_N.partial/`, renamed to `iter_N/` once every rank has finished, and only
+then named by the tracker; a crash mid-save leaves at most a `.partial` dir, which is never loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TRACKER = "latest_checkpointed_iteration.txt"
+STATE_DIR = "mmpl"
+# Megatron's DistributedOptimizer format that reshards across TP/PP (and DP) on load.
+OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@dataclass
+class TrainState:
+    """Progress counters saved with every checkpoint."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def iter_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def latest_step(root: str) -> int | None:
+    """The step named by the tracker in `root`, if that checkpoint is complete; else the newest complete dir."""
+    tracker = os.path.join(root, TRACKER)
+    if os.path.isfile(tracker):
+        with open(tracker) as f:
+            text = f.read().strip()
+        if text.isdigit() and os.path.isfile(os.path.join(iter_dir(root, int(text)), "metadata.json")):
+            return int(text)
+    steps = complete_steps(root)
+    return steps[-1] if steps else None
+
+
+def complete_steps(root: str) -> list[int]:
+    if not os.path.isdir(root):
+        return []
+    steps = []
+    for name in os.listdir(root):
+        m = re.fullmatch(r"iter_(\d{7})", name)
+        if m and os.path.isfile(os.path.join(root, name, "metadata.json")):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def classify_load_path(path: str) -> str:
+    """'resume' for a run's checkpoint dir (tracker or iter_* inside), 'model' for a single dist checkpoint."""
+    if latest_step(path) is not None:
+        return "resume"
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return "model"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint.load={path!r} does not exist")
+    raise FileNotFoundError(
+        f"checkpoint.load={path!r} holds no complete checkpoint (no {TRACKER}, no iter_*/metadata.json, "
+        "no metadata.json); point it at `mmpl convert hf-to-mcore` output or a run's checkpoint dir"
+    )
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _layout_tag() -> str:
+    from megatron.core import parallel_state as ps
+
+    return (f"tp{ps.get_tensor_model_parallel_world_size()}pp{ps.get_pipeline_model_parallel_world_size()}"
+            f"cp{ps.get_context_parallel_world_size()}dp{ps.get_data_parallel_world_size()}")
+
+
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, config_yaml: str,
+                    data_state: dict | None, keep_last: int = 0) -> str:
+    """Save a complete checkpoint of step `state.step` (collective: every rank calls it)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    final = iter_dir(root, state.step)
+    partial = final + ".partial"
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    _barrier()
+    model_sd = model.module.sharded_state_dict() if hasattr(model, "module") else model.sharded_state_dict()
+    sharded = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIM_SHARDING),
+        "scheduler": scheduler.state_dict(),
+        "train_state": {"step": state.step, "consumed_samples": state.consumed_samples,
+                        "consumed_tokens": state.consumed_tokens, **state.extra},
+    }
+    dist_checkpointing.save(sharded, partial)
+    if _rank() == 0:
+        os.makedirs(os.path.join(partial, STATE_DIR), exist_ok=True)
+    _barrier()
+    # Per-rank pieces that dist_checkpointing's common dict cannot hold (it keeps rank 0's copy only).
+    tag = _layout_tag()
+    torch.save(rng_state(), os.path.join(partial, STATE_DIR, f"rng_{tag}_r{_rank()}.pt"))
+    first_of_replica = (ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+                        and ps.get_context_parallel_rank() == 0)
+    if data_state is not None and first_of_replica:
+        torch.save(data_state, os.path.join(partial, STATE_DIR, f"data_dp{ps.get_data_parallel_rank()}.pt"))
+    _barrier()
+    if _rank() == 0:
+        with open(os.path.join(partial, STATE_DIR, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(state.step))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, TRACKER))
+        if keep_last > 0:
+            for old in complete_steps(root)[:-keep_last]:
+                shutil.rmtree(iter_dir(root, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_model_weights(path: str, model) -> None:
+    """Load only the model from a dist checkpoint (e.g. a converted HF checkpoint), at any TP/PP."""
+    from megatron.core import dist_checkpointing
+
+    module = model.module if hasattr(model, "module") else model
+    model_sd = module.sharded_state_dict()
+    loaded = dist_checkpointing.load({"model": model_sd}, path, strict="raise_unexpected")
+    module.load_state_dict(loaded["model"], strict=True)
+
+
+def _allocate_adam_state(optimizer) -> None:
+    """Give a fresh optimizer zero Adam state (step 0) so that it can describe what it loads.
+
+    megatron 0.16.1 `DistributedOptimizer.sharded_state_dict(is_loading=True)` first calls `state_dict()`, which
+    with torch's Adam (no TE/apex installed) asserts one common 'step' over a state that does not exist yet.
+    Every value allocated here is overwritten by the load.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if inner is None or len(inner.state):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _skip_adam_step_on_param_state_load(optimizer) -> None:
+    """Let megatron 0.16.1 load fully_reshardable param state into torch's Adam.
+
+    `DistributedOptimizer._set_main_param_and_optimizer_states` copies every key of the live Adam state, which
+    for torch's Adam (no TE/apex) includes 'step', while the loaded tensors deliberately leave 'step' out (it is
+    restored from the param groups): hide 'step' during that copy.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_set_main_param_and_optimizer_states"):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, opt=opt, original=original):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
+            step = state.pop("step", None) if "step" not in tensors else None
+            try:
+                original(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        opt._set_main_param_and_optimizer_states = set_states
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam 'step' tensor again.
+
+    megatron 0.16.1 (torch Adam path) restores one shared 'step' tensor into all parameters' states; torch's
+    Adam increments each state's step in place, so a shared tensor would advance once per parameter per step.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else ()):
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def resume(root: str, model, optimizer, scheduler) -> tuple[TrainState, dict | None]:
+    """Restore model, optimizer, scheduler, counters and RNG from the latest complete checkpoint in `root`.
+
+    Returns the train state and this data-parallel rank's data-loader state (None if none was saved).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    step = latest_step(root)
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {root!r}")
+    path = iter_dir(root, step)
+    module = model.module if hasattr(model, "module") else model
+    model_sd = module.sharded_state_dict()
+    _allocate_adam_state(optimizer)
+    sharded = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_SHARDING),
+    }
+    loaded = dist_checkpointing.load(sharded, path)
+    module.load_state_dict(loaded["model"], strict=True)
+    _skip_adam_step_on_param_state_load(optimizer)
+    optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(optimizer)
+    scheduler.load_state_dict(loaded["scheduler"])
+    ts = dict(loaded["train_state"])
+    state = TrainState(step=ts.pop("step"), consumed_samples=ts.pop("consumed_samples"),
+                       consumed_tokens=ts.pop("consumed_tokens"), extra=ts)
+    rng_file = os.path.join(path, STATE_DIR, f"rng_{_layout_tag()}_r{_rank()}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    data_file = os.path.join(path, STATE_DIR, f"data_dp{ps.get_data_parallel_rank()}.pt")
+    saved_dp = len([f for f in os.listdir(os.path.join(path, STATE_DIR)) if f.startswith("data_dp")])
+    if saved_dp and saved_dp != ps.get_data_parallel_world_size():
+        raise ValueError(
+            f"checkpoint {path} was saved with data-parallel size {saved_dp}, this run has "
+            f"{ps.get_data_parallel_world_size()}; the data-loader state is per data-parallel rank, so resume "
+            f"with world size = {saved_dp}·tp·pp·cp"
+        )
+    data_state = torch.load(data_file, weights_only=False) if os.path.isfile(data_file) else None
+    return state, data_state

@@ -1,0 +1,87 @@
+"""One console line per log interval, plus TensorBoard (always), W&B (if configured), metrics.jsonl and a tqdm bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+FORMATS = [
+    ("loss", "loss {:.4f}"), ("lr", "lr {:.3e}"), ("grad_norm", "grad {:.3f}"), ("tokens_per_s", "tok/s {:,.0f}"),
+    ("tflops_per_gpu", "TFLOP/s/GPU {:.3g}"), ("mfu", "MFU {:.1%}"),
+    ("max_mem_gib", "mem {:.2f} GiB"), ("data_wait", "data {:.1%}"),
+]
+
+
+def format_line(step: int, total: int, metrics: dict) -> str:
+    parts = [f"step {step}/{total}"]
+    for key, fmt in FORMATS:
+        if metrics.get(key) is not None:
+            parts.append(fmt.format(metrics[key]))
+            if key == "tflops_per_gpu" and metrics.get("vit_tflops_per_gpu") is not None:
+                parts[-1] += f" + ViT {metrics['vit_tflops_per_gpu']:.3g}"
+    return " | ".join(parts)
+
+
+class RunLogger:
+    """Writes only on the rank given `writer=True` (global rank 0); other ranks get a no-op logger."""
+
+    def __init__(self, cfg, writer: bool, total_steps: int, start_step: int):
+        self.writer, self.total = writer, total_steps
+        self.tb = self.wandb = self.bar = None
+        self.jsonl = None
+        if not writer:
+            return
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(cfg.tensorboard_dir)
+        if cfg.logging.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project,
+                                    name=cfg.logging.wandb_name or os.path.basename(os.path.abspath(cfg.run_dir)),
+                                    dir=cfg.run_dir, resume="allow")
+        if cfg.logging.progress_bar and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.writer:
+            return
+        line = format_line(step, self.total, metrics)
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        clean = {k: v for k, v in metrics.items() if v is not None}
+        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self.jsonl.flush()
+        for k, v in clean.items():
+            self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in clean.items()}, step=step)
+
+    def advance(self, loss: float | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def print(self, msg: str) -> None:
+        if self.writer:
+            (self.bar.write if self.bar is not None else print)(msg)
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        if not self.writer:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.tb.flush()
+        self.tb.close()
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()

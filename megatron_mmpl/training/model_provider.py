@@ -1,0 +1,42 @@
+"""This rank's part of the Qwen2.5-VL model, built from the run config (precision, recompute, parallel layout)."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_mmpl.config import Config
+from megatron_mmpl.training.optimizer import DTYPES
+
+
+def transformer_overrides(cfg: Config) -> dict:
+    """TransformerConfig fields the trainer sets on the LM, ViT and merger configs."""
+    out = {"calculate_per_token_loss": True}
+    if cfg.parallel.pp > 1:
+        # Packed rows may differ in length between steps: exchange p2p shapes instead of fixing seq_length.
+        # (megatron 0.16.1 rejects that with its default MoE dispatcher even in a dense model: name another.)
+        out.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
+    if cfg.model.recompute == "selective":
+        out.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif cfg.model.recompute == "full":
+        out.update(recompute_granularity="full", recompute_method="uniform",
+                   recompute_num_layers=cfg.model.recompute_num_layers)
+    return out
+
+
+def build_model_chunk(cfg: Config, hf) -> torch.nn.Module:
+    """`models.qwen25vl.build.build_model` for this rank (parallel_state must be initialised)."""
+    from megatron_mmpl.models.qwen25vl.build import build_model
+
+    module = build_model(
+        hf, first_stage_layers=cfg.parallel.first_stage_layers, sequence_parallel=cfg.parallel.sequence_parallel,
+        dtype=DTYPES[cfg.model.dtype],
+        attention_backend=None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend,
+        overrides=transformer_overrides(cfg),
+    )
+    factor = cfg.model.rope_interpolation_factor
+    rope = getattr(module.language_model, "rotary_pos_emb", None)
+    if factor is not None and rope is not None:
+        rope.seq_len_interpolation_factor = factor  # megatron divides the positions by it
+    if torch.cuda.is_available():
+        module.cuda(torch.cuda.current_device())
+    return module

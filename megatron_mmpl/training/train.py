@@ -1,0 +1,222 @@
+"""The training loop, top to bottom: checks → process groups → model → optimizer → checkpoint → data → steps.
+
+Runs under torchrun (RANK/WORLD_SIZE/... in the env) or as one process. Megatron does the work: the pipeline
+schedule (1F1B over micro-batches), DDP with the distributed optimizer, dist checkpoints. On CPU the same
+megatron code runs through parallel/cpu_runtime.py (fp32, gloo).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_mmpl.config import Config, ConfigError, dump_yaml, train_steps, validate_config, validate_layout
+from megatron_mmpl.config.hf_config import resolve_hf_config
+from megatron_mmpl.training import checkpoint as ckpt
+from megatron_mmpl.training.batches import check_data_dir, open_batches
+from megatron_mmpl.training.flops import FlopModel, peak_tflops
+from megatron_mmpl.training.forward_step import ForwardStep
+from megatron_mmpl.training.logger import RunLogger
+from megatron_mmpl.training.optimizer import DTYPES, build_optimizer, current_lr, freeze, wrap_ddp
+from megatron_mmpl.training.signals import StopSignal
+
+
+@dataclass
+class TrainResult:
+    """What a run returns (tests compare these): per-step global loss, last step, why it stopped."""
+
+    losses: dict[int, float] = field(default_factory=dict)
+    step: int = 0
+    stopped_by_signal: bool = False
+    checkpoint: str | None = None
+    model: object = None  # the bare model chunk (tests gather its weights)
+
+
+def plan_start(cfg: Config) -> tuple[str, str | None]:
+    """How the run starts, decided before any compute: ('resume', dir) | ('model', path) | ('fresh', None)."""
+    if ckpt.latest_step(cfg.checkpoint_dir) is not None:
+        return "resume", cfg.checkpoint_dir
+    if cfg.checkpoint.load:
+        kind = ckpt.classify_load_path(cfg.checkpoint.load)
+        return kind, cfg.checkpoint.load
+    return "fresh", None
+
+
+def preflight(cfg: Config, world_size: int):
+    """All checks that need no process group: config values, layout vs model shapes, inputs on disk."""
+    validate_config(cfg)
+    hf = resolve_hf_config(cfg.model)
+    validate_layout(cfg, world_size, hf)
+    if cfg.model.dtype != "fp32" and not torch.cuda.is_available():
+        raise ConfigError(f"model.dtype={cfg.model.dtype} needs a GPU; on CPU set model.dtype=fp32")
+    check_data_dir(cfg.data.shards)
+    return hf, plan_start(cfg)
+
+
+def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
+    """Run (or resume) the training job described by `cfg`; `max_steps` stops early (tests: N of 2N steps)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_mmpl.parallel.process_groups import initialize_parallel
+    from megatron_mmpl.training.model_provider import build_model_chunk
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    hf, (start_kind, start_path) = preflight(cfg, world_size)
+    p, d = cfg.parallel, cfg.data
+    initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.seed)
+    rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    num_microbatches = d.global_batch_size // (d.micro_batch_size * dp)
+    total_steps = train_steps(cfg)
+    config_yaml = dump_yaml(cfg)
+    if rank == 0:
+        dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+
+    # Model: this rank's chunk, frozen parts, weights of a converted checkpoint, DDP + distributed optimizer.
+    module = build_model_chunk(cfg, hf)
+    freeze(module, cfg)
+    if start_kind == "model":
+        ckpt.load_model_weights(start_path, module)
+    model = wrap_ddp(module, cfg)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    mcfg = module.config
+    mcfg.finalize_model_grads_func = finalize_model_grads
+    mcfg.no_sync_func = model.no_sync
+    if cfg.model.dtype == "fp16":
+        mcfg.grad_scale_func = optimizer.scale_loss
+
+    # State: resume everything, or start at step 0.
+    state, data_state = ckpt.TrainState(), None
+    if start_kind == "resume":
+        state, data_state = ckpt.resume(start_path, model, optimizer, scheduler)
+
+    # Data: this data-parallel rank's packed micro-batches (TP/PP/CP peers read the same ones).
+    batches = open_batches(cfg, hf, dp_rank=dp_rank, dp_size=dp, state=data_state)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    first_of_replica = (ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
+                        and ps.get_context_parallel_rank() == 0)
+    seq_multiple = 2 * p.cp * (p.tp if p.sequence_parallel else 1) if (p.cp > 1 or p.sequence_parallel) else 1
+    step_fn = ForwardStep(module, FlopModel.from_hf(hf), device, DTYPES[cfg.model.dtype], first_of_replica,
+                          cp_rank=ps.get_context_parallel_rank(), cp_size=p.cp, seq_multiple=seq_multiple)
+    forward_backward = get_forward_backward_func()
+    loss_reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+    log = RunLogger(cfg, writer=rank == 0, total_steps=total_steps, start_step=state.step)
+    log.print(f"[mmpl train] {start_kind} at step {state.step}/{total_steps}: world {world_size} = "
+              f"tp {p.tp} x pp {p.pp} x cp {p.cp} x dp {dp}; {num_microbatches} micro-batches of {d.micro_batch_size}")
+    signals = StopSignal()
+    result = TrainResult(step=state.step, model=module)
+    peak = peak_tflops(cfg.logging.peak_tflops)
+    window = _Window()
+    end = total_steps if max_steps is None else min(total_steps, max_steps)
+    try:
+        while state.step < end:
+            t0 = time.perf_counter()
+            step_fn.stats.reset()
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            reports = forward_backward(
+                forward_step_func=step_fn, data_iterator=batches, model=model, num_microbatches=num_microbatches,
+                seq_length=d.max_seq_len, micro_batch_size=d.micro_batch_size, forward_only=False,
+            )
+            lr = current_lr(optimizer)  # the rate this step applies
+            ok, grad_norm, _ = optimizer.step()
+            if ok:
+                scheduler.step(1)
+            state.step += 1
+            state.consumed_samples += d.global_batch_size
+
+            # One all-reduce for everything logged: loss Σ/count (last stage, TP rank 0), tokens and FLOPs
+            # (first rank of each replica), data wait (max over ranks, via a second reduce).
+            loss_pair = torch.stack([r["lm loss"] for r in reports]).sum(0).cpu() if loss_reporter and reports \
+                else torch.zeros(2)
+            s = step_fn.stats
+            totals = torch.cat([loss_pair.double().cpu(), torch.tensor([s.tokens, s.lm_flops, s.vit_flops],
+                                                                       dtype=torch.float64)])
+            waits = torch.tensor([s.data_wait], dtype=torch.float64)
+            _all_reduce(totals, dist.ReduceOp.SUM)
+            _all_reduce(waits, dist.ReduceOp.MAX)
+            loss = (totals[0] / totals[1].clamp_min(1)).item()
+            state.consumed_tokens += int(totals[2])
+            result.losses[state.step] = loss
+            result.step = state.step
+            window.add(loss, grad_norm, totals[2].item(), totals[3].item(), totals[4].item(), waits[0].item(),
+                       time.perf_counter() - t0)
+            log.advance(loss)
+            if state.step % cfg.logging.interval == 0 or state.step == end:
+                log.log(state.step, window.metrics(lr, world_size, peak))
+                window = _Window()
+
+            stop = signals.agreed()
+            if stop or state.step % cfg.checkpoint.interval == 0 or state.step == total_steps:
+                result.checkpoint = _save(cfg, model, optimizer, scheduler, state, config_yaml, batches)
+            if stop:
+                result.stopped_by_signal = True
+                log.print(f"[mmpl train] stop signal: saved step {state.step} to {result.checkpoint}; exiting")
+                break
+    finally:
+        signals.restore()
+        log.close()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    return result
+
+
+def _save(cfg, model, optimizer, scheduler, state, config_yaml, batches) -> str:
+    data_state = batches.state_dict() if hasattr(batches, "state_dict") else None
+    return ckpt.save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, state, config_yaml, data_state,
+                                keep_last=cfg.checkpoint.keep_last)
+
+
+def _all_reduce(t: torch.Tensor, op) -> None:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    if dist.get_backend() == "nccl":
+        buf = t.cuda()
+        dist.all_reduce(buf, op=op)
+        t.copy_(buf.cpu())
+    else:
+        dist.all_reduce(t, op=op)
+
+
+class _Window:
+    """Sums over the steps of one log interval."""
+
+    def __init__(self):
+        self.n, self.loss, self.grad, self.tokens, self.lm, self.vit, self.wait, self.time = 0, 0.0, 0.0, 0.0, \
+            0.0, 0.0, 0.0, 0.0
+
+    def add(self, loss, grad_norm, tokens, lm_flops, vit_flops, wait, seconds):
+        self.n += 1
+        self.loss += loss
+        self.grad += float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else 0.0
+        self.tokens += tokens
+        self.lm += lm_flops
+        self.vit += vit_flops
+        self.wait += wait
+        self.time += seconds
+
+    def metrics(self, lr: float, world_size: int, peak: float | None) -> dict:
+        t = max(self.time, 1e-9)
+        tflops = self.lm / t / world_size / 1e12
+        vit = self.vit / t / world_size / 1e12
+        return {
+            "loss": self.loss / self.n, "lr": lr, "grad_norm": self.grad / self.n, "tokens_per_s": self.tokens / t,
+            "tflops_per_gpu": tflops, "vit_tflops_per_gpu": vit,
+            "mfu": (tflops + vit) / peak if peak else None, "max_mem_gib": _max_memory_gib(),
+            "data_wait": self.wait / t,
+        }
+
+
+def _max_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

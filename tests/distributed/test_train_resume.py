@@ -1,0 +1,50 @@
+"""Exact resume: 2N steps straight == N steps + save + fresh-process resume + N steps (losses and final weights
+bit-identical on CPU fp32); resuming the same checkpoint at TP=2 follows within 1e-5; keep-last-K and the tracker."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from megatron_mmpl.parallel.spawn import run_distributed
+from megatron_mmpl.training.checkpoint import TRACKER, complete_steps, latest_step
+from tests.distributed.train_helpers import merged_weights, overrides, run_training
+
+pytestmark = pytest.mark.distributed
+
+N = 3
+
+
+def test_resume_is_exact_and_reshards_to_tp2(tmp_path):
+    common = overrides(str(tmp_path), f"schedule.train_steps={2 * N}", "optim.warmup=0")
+    (straight,) = run_distributed(run_training, 1, [*common, f"run_dir={tmp_path / 'straight'}"])
+
+    split = [*common, f"run_dir={tmp_path / 'split'}", "checkpoint.interval=1", "checkpoint.keep_last=2"]
+    (first,) = run_distributed(run_training, 1, split, N)
+    ckpt_dir = str(tmp_path / "split" / "checkpoints")
+    assert first["step"] == N and latest_step(ckpt_dir) == N
+    assert complete_steps(ckpt_dir) == [N - 1, N]  # keep_last=2 removed the older ones
+    assert open(os.path.join(ckpt_dir, TRACKER)).read().strip() == str(N)
+    assert os.path.isfile(os.path.join(ckpt_dir, f"iter_{N:07d}", "mmpl", "config.yaml"))
+    at_n = str(tmp_path / "at_n")
+    shutil.copytree(ckpt_dir, at_n)
+
+    # The same run dir again, in fresh processes: it resumes from step N and finishes.
+    (second,) = run_distributed(run_training, 1, [*split, "checkpoint.interval=1000"])
+    assert sorted(second["losses"]) == list(range(N + 1, 2 * N + 1))
+    for step in range(N + 1, 2 * N + 1):
+        assert second["losses"][step] == straight["losses"][step], step
+    for n, w in straight["weights"].items():
+        assert torch.equal(second["weights"][n], w), n
+
+    # Resume step N of that run at TP=2 (checkpoint.load names another run's checkpoint dir: full resume).
+    tp2 = run_distributed(run_training, 2, [*common, f"run_dir={tmp_path / 'tp2'}", f"checkpoint.load={at_n}",
+                                            "parallel.tp=2"])
+    weights = merged_weights(tp2)
+    for r in tp2:
+        assert sorted(r["losses"]) == list(range(N + 1, 2 * N + 1))
+        for step in range(N + 1, 2 * N + 1):
+            assert abs(r["losses"][step] - straight["losses"][step]) <= 1e-5 * abs(straight["losses"][step])
+    for n, w in straight["weights"].items():
+        assert (weights[n] - w).norm() <= 1e-4 * w.norm(), n

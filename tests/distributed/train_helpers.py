@@ -1,0 +1,57 @@
+"""Shared by the trainer's distributed tests: tiny-run configs, a TP1 start checkpoint, run-and-collect in ranks."""
+
+from __future__ import annotations
+
+import os
+
+BASE = [
+    "model.hf_config=tiny", "model.dtype=fp32", "data.global_batch_size=2", "data.micro_batch_size=1",
+    "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup=1", "optim.clip_grad=1.0", "logging.interval=1",
+    "logging.progress_bar=false", "checkpoint.interval=1000",
+]
+
+
+def overrides(tmp: str, *extra: str) -> list[str]:
+    shards = os.path.join(tmp, "shards")
+    if not os.path.isdir(shards):  # the stand-in source reads nothing, but the trainer checks the dir first
+        os.makedirs(shards)
+        with open(os.path.join(shards, "index.json"), "w") as f:
+            f.write("{}")
+    return [*BASE, f"data.shards={shards}", *extra]
+
+
+def save_start_checkpoint(path: str, seed: int = 0) -> None:
+    """A TP1/PP1 model-only dist checkpoint (what `mmpl convert` writes), so every layout starts equal."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from megatron_mmpl.config.hf_config import resolve_hf_config
+    from megatron_mmpl.config.load import load_config
+    from megatron_mmpl.parallel.process_groups import initialize_parallel
+    from megatron_mmpl.training.model_provider import build_model_chunk
+
+    initialize_parallel()
+    torch.manual_seed(seed)
+    cfg = load_config(None, ["model.hf_config=tiny", "model.dtype=fp32"])
+    module = build_model_chunk(cfg, resolve_hf_config(cfg.model))
+    os.makedirs(path, exist_ok=True)
+    dist_checkpointing.save({"model": module.sharded_state_dict()}, path)
+
+
+def run_training(args: list[str], max_steps: int | None = None, env: dict | None = None) -> dict:
+    """In a rank: train with `args` overrides; return losses, last step and this rank's full-named weights."""
+    os.environ.update(env or {})
+    from megatron_mmpl.config import load_config
+    from megatron_mmpl.models.qwen25vl.build import gather_full_weights
+    from megatron_mmpl.training.train import train
+
+    result = train(load_config(None, args), max_steps=max_steps)
+    return {"losses": result.losses, "step": result.step, "weights": gather_full_weights(result.model),
+            "checkpoint": result.checkpoint, "stopped": result.stopped_by_signal}
+
+
+def merged_weights(per_rank: list[dict]) -> dict:
+    out = {}
+    for r in per_rank:
+        out.update(r["weights"])
+    return out
