@@ -101,12 +101,16 @@ class ImageProcessor:
         if (h, w) != (rgb.height, rgb.width):
             rgb = rgb.resize((w, h), resample=Image.Resampling.BICUBIC)
         x = np.asarray(rgb)  # [h, w, C] uint8
-        gh, gw, m, p = h // c.patch_size, w // c.patch_size, c.merge_size, c.patch_size
+        f = np.empty(x.shape, np.float32)
+        for ch in range(3):  # uint8 -> normalised float32 by table, contiguous
+            f[..., ch] = self._lut[ch][x[..., ch]]
+        gh, gw, m, p, t = h // c.patch_size, w // c.patch_size, c.merge_size, c.patch_size, c.temporal_patch_size
         # [h, w, C] -> [gh/m, m, p, gw/m, m, p, C] -> [gh/m, gw/m, m, m, C, p, p]: merge groups stay contiguous
-        x = x.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
-        x = self._lut[np.arange(3)[:, None, None], x]  # uint8 -> normalised float32, same layout
-        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], c.temporal_patch_size, p, p))
-        return np.ascontiguousarray(x).reshape(gh * gw, 3 * c.temporal_patch_size * p * p), (1, gh, gw)
+        f = f.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+        out = np.empty((gh // m, gw // m, m, m, 3, t, p, p), np.float32)
+        for k in range(t):  # the still image repeated over the temporal patch
+            out[:, :, :, :, :, k] = f
+        return out.reshape(gh * gw, 3 * t * p * p), (1, gh, gw)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
