@@ -260,6 +260,27 @@ def gather_image_embeddings(local_embeds: torch.Tensor, image_grid_thw: torch.Te
     return all_gather_uneven(local_embeds, sizes, group)
 
 
+def encode_vision_over_cp(vision_fn, pixel_values: torch.Tensor, grid_thw: torch.Tensor, spatial_merge_size: int,
+                          group=None) -> torch.Tensor:
+    """Run `vision_fn(pixels, grid) → [n_tok, h]` on this CP rank's share of the images; return all images'
+    embeddings (image order, gradients flow back to the rank that encoded each image).
+
+    A rank left without images (fewer images than ranks) encodes the first image and keeps none of it, with a
+    zero-weighted dependence, so its ViT parameters still get (zero) gradients and collectives stay matched.
+    """
+    cp = 1 if group is None else dist.get_world_size(group)
+    if cp == 1:
+        return vision_fn(pixel_values, grid_thw)
+    imgs, rows = partition_images_for_cp(grid_thw, dist.get_rank(group), cp)
+    if imgs.stop > imgs.start:
+        local = vision_fn(pixel_values[rows], grid_thw[imgs])
+    else:
+        first = int(grid_thw[0].prod())
+        out = vision_fn(pixel_values[:first], grid_thw[:1])
+        local = out[:0] + 0.0 * out.sum()
+    return gather_image_embeddings(local, grid_thw, cp, spatial_merge_size, group)
+
+
 # ---------------------------------------------------------------- loss
 
 

@@ -110,7 +110,11 @@ def _image_embeddings_over_cp(cp):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_mmpl.parallel.context_parallel import gather_image_embeddings, partition_images_for_cp
+    from megatron_mmpl.parallel.context_parallel import (
+        encode_vision_over_cp,
+        gather_image_embeddings,
+        partition_images_for_cp,
+    )
     from megatron_mmpl.parallel.process_groups import initialize_parallel
 
     initialize_parallel(cp=cp)
@@ -124,7 +128,13 @@ def _image_embeddings_over_cp(cp):
     coef = torch.randn(full.shape, generator=torch.Generator().manual_seed(10 + rank))  # rank-specific use
     (full * coef).sum().backward()
     dist.all_reduce(w.grad, group=group)
-    return rows.stop - rows.start, full.detach(), w.grad
+    # the one-call form, with a single image: one rank encodes it, the other encodes nothing but still has grads
+    seen = []
+    w2 = w.detach().clone().requires_grad_()
+    one = grids[:1]
+    emb = encode_vision_over_cp(lambda px, grid: seen.append(len(px)) or _toy_vit(px, w2), pixels[:16], one, 2, group)
+    emb.sum().backward()
+    return rows.stop - rows.start, full.detach(), w.grad, emb.detach(), w2.grad, seen
 
 
 def test_images_partitioned_across_cp_and_embeddings_gathered():
@@ -137,9 +147,17 @@ def test_images_partitioned_across_cp_and_embeddings_gathered():
     full = _toy_vit(pixels, w)
     coefs = [torch.randn(full.shape, generator=torch.Generator().manual_seed(10 + r)) for r in range(2)]
     sum((full * c).sum() for c in coefs).backward()
-    counts = [n for n, _, _ in res]
+    counts = [r[0] for r in res]
     assert sum(counts) == total  # each patch encoded once, not CP times
     assert all(abs(n - total / 2) <= grids.prod(-1).max() for n in counts), counts  # about half each
-    for _, emb, grad in res:
+    for _, emb, grad, *_ in res:
         assert (emb - full.detach()).abs().max() <= 1e-6
         assert (grad - w.grad).abs().max() <= 1e-5 * w.grad.abs().max()
+    w1 = w.detach().clone().requires_grad_()
+    one = _toy_vit(pixels[:16], w1)
+    (2 * one.sum()).backward()  # both ranks use the embeddings
+    assert [r[5] for r in res] == [[16], [16]]  # the image's 16 patches; the empty rank encodes it too...
+    for _, _, _, emb, _, _ in res:
+        assert (emb - one.detach()).abs().max() <= 1e-6  # ...but only one copy enters the result
+    assert all(r[4] is not None for r in res)  # the empty rank's ViT has (zero) gradients
+    assert (res[0][4] + res[1][4] - w1.grad).abs().max() <= 1e-5 * w1.grad.abs().max()
