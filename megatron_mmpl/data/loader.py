@@ -237,6 +237,8 @@ class LongDocLoader:
         self.last_info: dict = {}
 
     def __iter__(self):
+        """Continues from where the last iteration stopped (or from a loaded state)."""
+        self.load_state_dict(self.state_dict())
         ds = self.dataset
         o = ds.opts
         dl = torch.utils.data.DataLoader(

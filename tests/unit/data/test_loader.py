@@ -62,6 +62,10 @@ def test_resume_with_workers_is_exact(shards, tok):
     again.load_state_dict(json.loads(json.dumps(fresh.state_dict())))
     more = _take(build_train_loader(_opts(shards), tok, dp_rank=0, dp_size=1), k + m + 2)[k + m:]
     assert all(_same(a, b) for a, b in zip(_take(again, 2), more))
+    # iterating the same loader again continues where it stopped (no replay)
+    cont = build_train_loader(_opts(shards), tok, dp_rank=0, dp_size=1)
+    _take(cont, k)
+    assert all(_same(a, b) for a, b in zip(_take(cont, m), ref[k:]))
     # different seed -> different stream; wrong worker count -> clear error
     other = _take(build_train_loader(_opts(shards, seed=8), tok, dp_rank=0, dp_size=1), 2)
     assert not all(_same(a, b) for a, b in zip(other, ref[:2]))
