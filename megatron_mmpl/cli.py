@@ -34,15 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_handler(args: argparse.Namespace, command: str) -> int:
+    """Run a subcommand's handler; bad input becomes one `error:` line (tracebacks with --debug)."""
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         if getattr(args, "debug", False):
             raise
-        print(f"mmpl {args.command}: error: {e}", file=sys.stderr)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mmpl {command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_handler(args, args.command)
 
 
 if __name__ == "__main__":

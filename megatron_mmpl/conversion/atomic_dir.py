@@ -9,6 +9,13 @@ import tempfile
 from pathlib import Path
 
 
+def check_target(target: str | os.PathLike, overwrite: bool = False) -> None:
+    """Fail early (before any work) when `target` exists, is not empty and may not be replaced."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"output {target} exists and is not empty; choose a new --out or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False):
     """Yield a temp dir next to `target`; on success it becomes `target`, on any error it is removed.
@@ -16,8 +23,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False):
     Refuses an existing non-empty `target` unless `overwrite` (then the old one is replaced only at the end).
     """
     target = Path(target)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"output {target} exists and is not empty; choose a new --out or pass --overwrite")
+    check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -93,7 +93,8 @@ class HFCheckpoint:
                 for name in names:
                     yield name, f.get_tensor(name)
 
-    def dtypes(self) -> set[torch.dtype]:
+    def dtypes(self) -> set[str]:
+        """The safetensors dtype names of the weights (e.g. {"BF16"}), read from headers only."""
         from safetensors import safe_open
 
         out = set()

@@ -39,7 +39,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn, rank, world_size, port, env, args, queue):
+def _rank_main(fn, rank, world_size, port, env, args_bytes, queue):
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
@@ -49,9 +49,7 @@ def _rank_main(fn, rank, world_size, port, env, args, queue):
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
-        # Plain pickle inlines tensor data; torch's queue reducer would share it through a socket that
-        # disappears when this process exits before the parent reads.
-        queue.put((rank, True, pickle.dumps(fn(*args))))
+        queue.put((rank, True, pickle.dumps(fn(*pickle.loads(args_bytes)))))
     except BaseException:  # noqa: BLE001 - surfaced to the parent with its traceback
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -72,8 +70,11 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, env: dic
     ctx = _context()
     queue = ctx.Queue()
     port = _free_port()
+    # Arguments and results travel as plain pickles (tensor data inline): multiprocessing's own reducer would
+    # pass one file descriptor per tensor, which runs out with many tensors and dies with the sending process.
+    args_bytes = pickle.dumps(args)
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, dict(env or {}), args, queue), daemon=False)
+        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, dict(env or {}), args_bytes, queue))
         for r in range(world_size)
     ]
     for p in procs:

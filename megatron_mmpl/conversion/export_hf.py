@@ -1,0 +1,147 @@
+"""Megatron-Core → HF: any dist checkpoint written by training (any TP/PP) or by `hf-to-mcore` → a directory that
+`Qwen2_5_VLForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained` load.
+
+The model is rebuilt at TP1/PP1 in one process; dist_checkpointing reshards whatever layout was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_mmpl.conversion.atomic_dir import atomic_directory, check_target
+from megatron_mmpl.conversion.hf_checkpoint import SIDE_FILES
+from megatron_mmpl.conversion.import_hf import HF_DIR, build_single_process_model, parse_dtype
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A dist checkpoint dir: `path` itself, or the latest complete `iter_*` of a training run dir."""
+    from megatron_mmpl.training.checkpoint import classify_load_path, iter_dir, latest_step
+
+    if classify_load_path(path) == "resume":
+        return Path(iter_dir(path, latest_step(path)))
+    return Path(path)
+
+
+def model_source(ckpt: Path, override: str | None = None):
+    """(HF config, dir with tokenizer/processor files or None, run config dict or {}) of a checkpoint: from
+    --hf-config, else the converter's copy (mmpl/hf/), else the training run's resolved config (mmpl/config.yaml)."""
+    from transformers import Qwen2_5_VLConfig
+
+    from megatron_mmpl.config.hf_config import load_hf_dict
+
+    run = {}
+    if (ckpt / "mmpl" / "config.yaml").is_file():
+        import yaml
+
+        run = yaml.safe_load((ckpt / "mmpl" / "config.yaml").read_text()) or {}
+    spec = override or (str(ckpt / HF_DIR) if (ckpt / HF_DIR / "config.json").is_file() else None)
+    spec = spec or run.get("model", {}).get("hf_config")
+    if not spec:
+        raise FileNotFoundError(
+            f"{ckpt}: cannot tell which model it holds (no {HF_DIR}/config.json, no mmpl/config.yaml); "
+            "pass --hf-config <preset name or config.json dir>"
+        )
+    return Qwen2_5_VLConfig(**load_hf_dict(spec)), _dir_of(spec), run
+
+
+def _dir_of(spec: str) -> Path | None:
+    p = Path(spec)
+    if p.is_dir():
+        return p
+    if p.is_file():
+        return p.parent
+    return None
+
+
+def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config_path: str | None = None, dtype: str | None = None,
+                tokenizer: str | None = None, naming: str | None = None, shard_gb: float = 5.0,
+                overwrite: bool = False, progress: bool = True) -> dict:
+    """Export; returns a summary. Nothing appears at `out_dir` unless the whole export succeeds.
+
+    naming: tensor names to write — 'original' (`model.*`/`visual.*`, what the released checkpoints and
+    transformers' save_pretrained use) or 'hf' (`model.language_model.*`); default: the converted source's.
+    """
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from megatron_mmpl.conversion import mapping
+
+    check_target(out_dir, overwrite)
+    ckpt = resolve_checkpoint(ckpt_dir)
+    hf_config, side_dir, run = model_source(ckpt, hf_config_path)
+    tokenizer = tokenizer or run.get("data", {}).get("tokenizer")
+    target = parse_dtype(dtype) if dtype else _dtype_of(hf_config)
+    model = build_single_process_model(hf_config, target)
+    sharded = model.sharded_state_dict()
+    loaded = dist_checkpointing.load({"model": sharded}, str(ckpt), strict="assume_ok_unexpected")
+    model.load_state_dict(loaded["model"], strict=True)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    conv = ckpt / "mmpl" / "conversion.json"
+    naming = naming or (json.loads(conv.read_text()).get("naming") if conv.is_file() else None) or "original"
+    stream = mapping.mcore_to_hf(params, hf_config, naming=naming)
+    limit, shard, size, files, weight_map, total, count = int(shard_gb * 2**30), {}, 0, [], {}, 0, 0
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+
+        def flush():
+            nonlocal shard, size
+            if shard:
+                name = f"model-{len(files) + 1:05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                files.append(name)
+                weight_map.update(dict.fromkeys(shard, name))
+                shard, size = {}, 0
+
+        n_hf = len(mapping.plan(hf_config))
+        for name, t in tqdm(stream, total=n_hf, desc="mcore→hf", unit="tensor", disable=not progress):
+            t = t.to(target).contiguous()
+            shard[name] = t
+            size += t.numel() * t.element_size()
+            total += t.numel() * t.element_size()
+            count += 1
+            if size >= limit:
+                flush()
+        flush()
+        final = {f: f.replace(".safetensors", f"-of-{len(files):05d}.safetensors") for f in files}
+        for f, g in final.items():
+            (tmp / f).rename(tmp / g)
+        index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf_config.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(target, "float32")
+        hf_config.save_pretrained(tmp)
+        _write_side_files(tmp, side_dir, hf_config, tokenizer)
+    return {"checkpoint": str(ckpt), "tensors": count, "bytes": total, "shards": len(files), "out": str(out_dir)}
+
+
+def _dtype_of(hf_config) -> torch.dtype:
+    name = str(getattr(hf_config, "dtype", None) or "float32")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name.replace("torch.", ""), torch.float32)
+
+
+def _write_side_files(out: Path, side_dir: Path | None, hf_config, tokenizer: str | None) -> None:
+    """Tokenizer/processor/generation files: copied from the source when it has them, else generated."""
+    copied = set()
+    if side_dir is not None:
+        for f in SIDE_FILES:
+            if (side_dir / f).is_file():
+                shutil.copy2(side_dir / f, out / f)
+                copied.add(f)
+    if "generation_config.json" not in copied:
+        from transformers import GenerationConfig
+
+        GenerationConfig(bos_token_id=getattr(hf_config, "bos_token_id", None),
+                         eos_token_id=getattr(hf_config, "eos_token_id", None)).save_pretrained(out)
+    if not ({"tokenizer.json", "vocab.json"} & copied) and tokenizer != "none":
+        if not tokenizer:
+            raise ValueError(
+                "the checkpoint carries no tokenizer files and its run config names no data.tokenizer; pass "
+                "--tokenizer (qwen2 | tiny | <hf dir>) so the export loads with AutoProcessor, or --tokenizer none "
+                "for weights and config only"
+            )
+        from megatron_mmpl.conversion.processor_files import write_processor_files
+
+        write_processor_files(out, hf_config, tokenizer)

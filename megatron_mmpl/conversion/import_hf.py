@@ -1,0 +1,99 @@
+"""HF → Megatron-Core: stream an HF Qwen2.5-VL checkpoint into a TP1/PP1 torch_dist dist checkpoint.
+
+Output layout (what `checkpoint.load=` and `mmpl convert mcore-to-hf|verify` read):
+    <out>/metadata.json, common.pt, *.distcp   dist checkpoint of {"model": model.sharded_state_dict()}
+    <out>/mmpl/hf/                             config.json + tokenizer/processor files (rebuilds model and processor)
+    <out>/mmpl/conversion.json                 source, dtype, tensor count
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_mmpl.conversion.atomic_dir import atomic_directory, check_target
+from megatron_mmpl.conversion.hf_checkpoint import SIDE_FILES, HFCheckpoint
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HF_DIR = "mmpl/hf"
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_source_dtypes(ckpt: HFCheckpoint) -> str:
+    """The checkpoint's one floating dtype (safetensors name); mixed or non-float weights are refused."""
+    dtypes = ckpt.dtypes()
+    if not dtypes <= {"BF16", "F16", "F32", "F64"} or len(dtypes) != 1:
+        raise ValueError(
+            f"--hf {ckpt.path}: weights have dtypes {sorted(map(str, dtypes))}; expected one floating dtype "
+            "(bf16, fp16 or fp32) — quantised or mixed checkpoints are not supported, dequantise first"
+        )
+    return next(iter(dtypes))
+
+
+def build_single_process_model(hf_config, dtype: torch.dtype, initialize: bool = False):
+    """The full model at TP1/PP1 in this process (a 1-rank gloo/nccl group is created if none exists)."""
+    import torch.distributed as dist
+
+    from megatron_mmpl.models.qwen25vl.build import build_model
+    from megatron_mmpl.parallel.process_groups import initialize_parallel
+
+    if not dist.is_initialized():
+        initialize_parallel()
+    return build_model(hf_config, dtype=dtype, overrides={"perform_initialization": initialize})
+
+
+def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrite: bool = False, progress: bool = True) -> dict:
+    """Convert; returns a summary dict. Writes nothing at `out_dir` unless the whole conversion succeeds."""
+    from megatron.core import dist_checkpointing
+    from tqdm import tqdm
+
+    from megatron_mmpl.conversion import mapping
+
+    t0 = time.time()
+    target = parse_dtype(dtype)
+    check_target(out_dir, overwrite)
+    ckpt = HFCheckpoint(hf_dir)
+    source_dtype = check_source_dtypes(ckpt)
+    hf_config = ckpt.hf_config()
+    stream = mapping.hf_to_mcore(ckpt, hf_config)  # checks coverage before reading any tensor
+    model = build_single_process_model(hf_config, target)
+    params = dict(model.named_parameters())
+    expected = set(mapping.mcore_names(hf_config))
+    if set(params) != expected:
+        raise ValueError(
+            f"model/mapping mismatch: parameters without a rule {sorted(set(params) - expected)}, "
+            f"rules without a parameter {sorted(expected - set(params))}"
+        )
+    filled = set()
+    with torch.no_grad():
+        for name, tensor in tqdm(stream, total=len(expected), desc="hf→mcore", unit="tensor", disable=not progress):
+            p = params[name]
+            if tuple(tensor.shape) != tuple(p.shape):
+                raise ValueError(f"{name}: converted shape {tuple(tensor.shape)} != model shape {tuple(p.shape)}")
+            p.copy_(tensor.to(target))
+            filled.add(name)
+            del tensor
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+        hf_out = tmp / HF_DIR
+        hf_out.mkdir(parents=True)
+        hf_config.save_pretrained(hf_out)
+        for f in SIDE_FILES:
+            if (ckpt.path / f).is_file():
+                shutil.copy2(ckpt.path / f, hf_out / f)
+        summary = {
+            "source": str(Path(hf_dir).resolve()), "source_dtype": str(source_dtype), "dtype": dtype,
+            "naming": mapping.detect_naming(ckpt.names()),
+            "tensors": len(filled), "seconds": round(time.time() - t0, 1),
+        }
+        (tmp / "mmpl" / "conversion.json").write_text(json.dumps(summary, indent=2))
+    return summary
