@@ -34,7 +34,7 @@ def resolve_hf_config(model_cfg):
     """A `Qwen2_5_VLConfig` for `model_cfg` (a ModelConfig), with rope_theta applied when overridden."""
     from transformers import Qwen2_5_VLConfig
 
-    raw = load_hf_dict(model_cfg.hf_config)
+    raw = apply_overrides(load_hf_dict(model_cfg.hf_config), model_cfg.hf_overrides)
     if raw.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
         raise ConfigError(f"model.hf_config={model_cfg.hf_config!r} has model_type={raw['model_type']!r}; "
                           "only qwen2_5_vl is supported")
@@ -45,6 +45,38 @@ def resolve_hf_config(model_cfg):
         params["rope_theta"] = float(model_cfg.rope_theta)
         text.rope_parameters = params
     return hf
+
+
+def apply_overrides(raw: dict, overrides: dict) -> dict:
+    """config.json dict with `model.hf_overrides` applied (see ModelConfig.hf_overrides)."""
+    raw = dict(raw)
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        if not section and isinstance(raw.get("text_config"), dict) and key in raw["text_config"]:
+            section, name = "text_config", key
+        if section:
+            if section not in ("text_config", "vision_config"):
+                raise ConfigError(f"model.hf_overrides.{key}: only text_config.* and vision_config.* nest")
+            raw[section] = {**(raw.get(section) or {}), name: value}
+        else:
+            raw[name] = value
+    return raw
+
+
+def check_tokens_match(hf, special_ids: dict, where: str) -> None:
+    """The data's special token ids must be the model's, and inside its vocabulary."""
+    pairs = {"image_pad": "image_token_id", "video_pad": "video_token_id", "vision_start": "vision_start_token_id",
+             "vision_end": "vision_end_token_id"}
+    bad = [f"{tok}={special_ids[tok]} vs {attr}={getattr(hf, attr, None)}" for tok, attr in pairs.items()
+           if tok in special_ids and getattr(hf, attr, None) != special_ids[tok]]
+    if bad:
+        raise ConfigError(f"{where} was tokenized with other special ids than model.hf_config ({'; '.join(bad)}); "
+                          "set them in model.hf_overrides or rebuild the data with the model's tokenizer")
+    vocab = hf.get_text_config().vocab_size
+    top = max(special_ids.values(), default=-1)
+    if top >= vocab:
+        raise ConfigError(f"{where} uses token id {top} but the model's vocab_size is {vocab}; "
+                          f"set model.hf_overrides.vocab_size >= {top + 1} (a multiple of parallel.tp)")
 
 
 def text_rope_theta(hf) -> float:

@@ -123,6 +123,8 @@ def _set_path(raw: dict, key: str, value: Any) -> None:
 
 def _check_type(name: str, value: Any, typ: Any) -> Any:
     """Return `value` as `typ` (ints accepted for floats; YAML's 1e-5 string form accepted for floats)."""
+    if typ is Any:
+        return value
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(typ)

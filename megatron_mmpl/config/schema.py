@@ -7,6 +7,7 @@ Sections: model, parallel, data, optim, schedule, checkpoint, logging. Values co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -16,6 +17,9 @@ class ModelConfig:
     hf_config: str = "tiny"
     """A model preset (`tiny`, `qwen25vl-3b`, `qwen25vl-7b`, ...: models/qwen25vl/presets.py) or a path to a
     Hugging Face `config.json` or to the directory holding it."""
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+    """config.json fields to replace, e.g. {vocab_size: 512, image_token_id: 492}; `text_config.x` /
+    `vision_config.x` reach the sub-configs (a bare LM field goes to text_config when the preset nests it)."""
     dtype: str = "bf16"
     """Parameter/compute dtype: bf16 | fp16 | fp32. With bf16/fp16 the optimizer keeps fp32 master weights.
     On CPU (no CUDA) use fp32."""

@@ -2,24 +2,72 @@
 
 from __future__ import annotations
 
+import json
 import os
 
+from megatron_mmpl.config.load import ConfigError
 
-def check_data_dir(path: str) -> None:
-    """Fail before any compute when data.shards is not a built shard directory."""
-    if not os.path.isdir(path):
+
+def check_data_dir(path: str, hf=None) -> dict:
+    """Fail before any compute when data.shards is not a built shard dir, or its tokens are not the model's."""
+    from megatron_mmpl.config.hf_config import check_tokens_match
+
+    if not path or not os.path.isdir(path):
         raise FileNotFoundError(f"data.shards={path!r} does not exist; build it with `mmpl data build` "
                                 "(or `mmpl data synth` for synthetic documents)")
-    if not os.path.isfile(os.path.join(path, "index.json")):
+    index_path = os.path.join(path, "index.json")
+    if not os.path.isfile(index_path):
         raise FileNotFoundError(f"data.shards={path!r} has no index.json; is it the output dir of `mmpl data build`?")
+    with open(index_path) as f:
+        index = json.load(f)
+    if not index.get("tokenizer_name"):
+        raise ConfigError(f"data.shards={path!r}: index.json names no tokenizer (tokenizer_name)")
+    if hf is not None and index.get("special_ids"):
+        check_tokens_match(hf, index["special_ids"], f"data.shards={path!r}")
+    return index
 
 
-def open_batches(cfg, hf, dp_rank: int, dp_size: int, state: dict | None = None):
-    """An iterator of micro-batch dicts with state_dict()/load_state_dict(), restored from `state` if given."""
-    from megatron_mmpl.training._standin_data import SyntheticPackedBatches
+def check_mixture(data_cfg, index: dict) -> None:
+    """The length recipe and task weights must select something in these shards (one-line error otherwise)."""
+    from megatron_mmpl.data.mixture import PoolSet, pool_weights
 
-    distinct = int(os.environ.get("MMPL_STANDIN_DISTINCT", "0"))
-    source = SyntheticPackedBatches(hf, seed=cfg.data.seed, dp_rank=dp_rank, distinct=distinct)
+    try:
+        pool_weights(PoolSet.from_index(data_cfg.shards, index), data_cfg.recipe, data_cfg.task_weights,
+                     data_cfg.min_len, data_cfg.max_len)
+    except ValueError as e:
+        raise ConfigError(f"data.recipe/min_len/max_len/task_weights: {' '.join(str(e).split())}") from None
+
+
+class Batches:
+    """`next()` gives this rank's next packed micro-batch; `state_dict()` resumes right after the last one given."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self._it = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()  # stops the DataLoader workers
+
+
+def open_batches(cfg, hf, dp_rank: int, dp_size: int, state: dict | None = None, pad_multiple: int = 1) -> Batches:
+    """The data pipeline's loader for this data-parallel rank, restored from `state` when resuming."""
+    from megatron_mmpl.data.loader import build_train_loader
+    from megatron_mmpl.data.tokenizer import load_tokenizer
+
+    index = check_data_dir(cfg.data.shards)
+    loader = build_train_loader(cfg.data, load_tokenizer(index["tokenizer_name"]), dp_rank=dp_rank, dp_size=dp_size,
+                                pad_multiple=pad_multiple, hf_config=hf)
     if state is not None:
-        source.load_state_dict(state)
-    return source
+        loader.load_state_dict(state)
+    return Batches(loader)

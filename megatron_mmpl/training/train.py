@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron_mmpl.config import Config, ConfigError, dump_yaml, train_steps, validate_config, validate_layout
 from megatron_mmpl.config.hf_config import resolve_hf_config
 from megatron_mmpl.training import checkpoint as ckpt
-from megatron_mmpl.training.batches import check_data_dir, open_batches
+from megatron_mmpl.training.batches import check_data_dir, check_mixture, open_batches
 from megatron_mmpl.training.flops import FlopModel, peak_tflops
 from megatron_mmpl.training.forward_step import ForwardStep
 from megatron_mmpl.training.logger import RunLogger
@@ -55,7 +55,7 @@ def preflight(cfg: Config, world_size: int):
     validate_layout(cfg, world_size, hf)
     if cfg.model.dtype != "fp32" and not torch.cuda.is_available():
         raise ConfigError(f"model.dtype={cfg.model.dtype} needs a GPU; on CPU set model.dtype=fp32")
-    check_data_dir(cfg.data.shards)
+    check_mixture(cfg.data, check_data_dir(cfg.data.shards, hf))
     return hf, plan_start(cfg)
 
 
@@ -98,11 +98,11 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
         state, data_state = ckpt.resume(start_path, model, optimizer, scheduler)
 
     # Data: this data-parallel rank's packed micro-batches (TP/PP/CP peers read the same ones).
-    batches = open_batches(cfg, hf, dp_rank=dp_rank, dp_size=dp, state=data_state)
+    seq_multiple = 2 * p.cp * (p.tp if p.sequence_parallel else 1) if (p.cp > 1 or p.sequence_parallel) else 1
+    batches = open_batches(cfg, hf, dp_rank=dp_rank, dp_size=dp, state=data_state, pad_multiple=seq_multiple)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     first_of_replica = (ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
                         and ps.get_context_parallel_rank() == 0)
-    seq_multiple = 2 * p.cp * (p.tp if p.sequence_parallel else 1) if (p.cp > 1 or p.sequence_parallel) else 1
     step_fn = ForwardStep(module, FlopModel.from_hf(hf), device, DTYPES[cfg.model.dtype], first_of_replica,
                           cp_rank=ps.get_context_parallel_rank(), cp_size=p.cp, seq_multiple=seq_multiple)
     forward_backward = get_forward_backward_func()

@@ -4,19 +4,35 @@ from __future__ import annotations
 
 import os
 
+# The tiny model with the tiny tokenizer's special ids (`mmpl data synth --kind needle` uses that tokenizer).
+TINY_MODEL = [
+    "model.hf_config=tiny", "model.dtype=fp32",
+    "model.hf_overrides={vocab_size: 512, image_token_id: 492, video_token_id: 493, vision_start_token_id: 489, "
+    "vision_end_token_id: 490}",
+]
 BASE = [
-    "model.hf_config=tiny", "model.dtype=fp32", "data.global_batch_size=2", "data.micro_batch_size=1",
+    *TINY_MODEL, "data.global_batch_size=2", "data.micro_batch_size=1", "data.max_seq_len=1024",
+    "data.min_len=1", "data.max_len=8192", "data.recipe=pool_native", "data.task_weights={extraction: 1}",
+    "data.num_workers=0",
     "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup=1", "optim.clip_grad=1.0", "logging.interval=1",
     "logging.progress_bar=false", "checkpoint.interval=1000",
 ]
 
 
+def needle_shards(path: str, per_target: int = 8, seed: int = 0, targets=(256, 512)) -> str:
+    """Visual-needle shards (`per_target` samples per target length, tiny tokenizer), written once per directory."""
+    if not os.path.isfile(os.path.join(path, "index.json")):
+        from megatron_mmpl.data.images import ImageProcessor
+        from megatron_mmpl.data.synth import write_synth
+        from megatron_mmpl.data.tokenizer import load_tokenizer
+
+        write_synth(path, targets=list(targets), per_target=per_target, tokenizer=load_tokenizer("tiny"),
+                    tokenizer_name="tiny", improc=ImageProcessor(), seed=seed, kind="needle")
+    return path
+
+
 def overrides(tmp: str, *extra: str) -> list[str]:
-    shards = os.path.join(tmp, "shards")
-    if not os.path.isdir(shards):  # the stand-in source reads nothing, but the trainer checks the dir first
-        os.makedirs(shards)
-        with open(os.path.join(shards, "index.json"), "w") as f:
-            f.write("{}")
+    shards = needle_shards(os.path.join(tmp, "shards"))
     return [*BASE, f"data.shards={shards}", *extra]
 
 
@@ -32,7 +48,7 @@ def save_start_checkpoint(path: str, seed: int = 0) -> None:
 
     initialize_parallel()
     torch.manual_seed(seed)
-    cfg = load_config(None, ["model.hf_config=tiny", "model.dtype=fp32"])
+    cfg = load_config(None, TINY_MODEL)
     module = build_model_chunk(cfg, resolve_hf_config(cfg.model))
     os.makedirs(path, exist_ok=True)
     dist_checkpointing.save({"model": module.sharded_state_dict()}, path)
