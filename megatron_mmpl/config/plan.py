@@ -1,12 +1,12 @@
 """Memory and throughput plan of a run config on N nodes × G GPUs: per-GPU bytes by stage, tokens per step, steps.
 
 Estimates what this trainer builds: megatron-core with bf16 weights, fp32 main grads and the distributed
-optimizer (fp32 master + Adam moments sharded over dp·cp), our core attention (flash-style: saves q, k, v, out
-and the log-sum-exp, never an s×s matrix; under CP it all-gathers and saves the full-length K/V), megatron
-recompute (`model.recompute`, applied to the LM and the ViT), the ViT + merger on pipeline stage 0 with the
-micro-batch's images split over the CP ranks (parallel/context_parallel.partition_images_for_cp), a 1F1B
-pipeline schedule, and logits + cross entropy over every token of the row on the last stage. Pure Python.
-"""
+optimizer (fp32 master + Adam moments sharded over dp·cp); megatron's local layers with our CoreAttention (per
+packed segment, never an s×s matrix; under CP it all-gathers K/V), whose saved activations are counted tensor
+by tensor (`layer_activation_bytes`, checked against a real layer); megatron recompute (`model.recompute`,
+applied to the LM and the ViT); the ViT + merger on pipeline stage 0 with the micro-batch's images split over
+the CP ranks (parallel/context_parallel.py); a 1F1B pipeline schedule; logits + cross entropy over every token
+of the row on the last stage. Pure Python."""
 
 from __future__ import annotations
 
@@ -141,47 +141,63 @@ def total_params(m: ModelShape) -> int:
 # ------------------------------------------------------------------------------------------- activations
 
 
-def lm_layer_activation_bytes(m: ModelShape, tp: int, sp: bool, recompute: str, elem: int = 2) -> float:
-    """Bytes one LM layer keeps for backward per local token (K/V excluded: see `kv_bytes`).
+def layer_activation_bytes(h: int, heads: int, kv: int, ffn: int, head_dim: int, tp: int, sp: bool,
+                           recompute: str, elem: int = 2, cp_gathered: bool = False, fused_norm: bool = True) -> float:
+    """Bytes one transformer layer (LM or ViT block, as this trainer builds them) keeps for backward per token of
+    the rank's sequence (the whole row, or its CP share; sequence parallel shards only the norm regions),
+    K/V of the CP all-gather excluded (see `gathered_kv_bytes`). q = heads·head_dim; kv = groups·head_dim.
 
-    Derivation (after Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
-    Models", Sec. 4, redone for this layer), in elements of the activation dtype per token; `sp` divides the
-    norm regions by tp when sequence parallel is on (else they are replicated):
-      attention: RMSNorm input h/sp, QKV input h/sp, q (heads·d)/tp, output (heads·d)/tp [kept once: it is
-        also the out-proj input], plus the fp32 log-sum-exp heads/tp;
-      MLP: RMSNorm input h/sp, fc1 input h/sp, fc1 output [gate; up] 2F/tp (SwiGLU backward), fc2 input F/tp.
-      none      = elem·(4h/sp + 2·heads·d/tp + 3F/tp) + 4·heads/tp
-      selective = none − 4·heads/tp (megatron recomputes core attention only; with flash-style attention that
-                  drops just the log-sum-exp: q/k/v are the checkpoint's inputs and the output feeds the proj)
-      full      = elem·h/sp per recompute chunk (only the chunk input is kept; see `plan_config`).
-    Assumes no dropout (Qwen2.5-VL has none), fused RoPE-free saves (RoPE backward needs only cos/sin), no
-    biases kept (bias grads need none), micro-batch rows counted through the token count.
+    Counted from the tensors autograd saves in megatron's local layer with our CoreAttention (the unit test
+    tests/unit/launch/test_activation_memory.py checks this against a real layer to the byte), in elements of
+    the activation dtype per token; `sp` divides the norm regions by tp (sequence parallel), else replicated:
+      attention: RMSNorm input h/sp, QKV-linear input h/sp, the QKV output buffer (q + 2kv)/tp (V is a view
+        of it, so attention keeps it alive), RoPE'd q q/tp and k kv/tp, per-segment SDPA outputs q/tp and their
+        concatenation (the out-proj input) q/tp; fp32 extras: log-sum-exp heads/tp, RoPE cos/sin 4·head_dim
+        (unfused RoPE, q and k), RMSNorm rstd 1/sp;
+      MLP: RMSNorm input h/sp, fc1 input h/sp, fc1 output [gate; up] 2F/tp, unfused SwiGLU 3F/tp (a copy of
+        gate, silu(gate), and silu(gate)·up = the fc2 input); fp32 rstd 1/sp.
+      none      = elem·(4h/sp + (4q + 3kv + 5F)/tp) + 4·(heads/tp + 4·head_dim + 2/sp)
+      selective = none − elem·q/tp − 4·heads/tp (megatron's core-attention recompute drops the per-segment
+                  outputs and the log-sum-exp; q/k/v are its inputs and the concatenation its output)
+      full      = elem·h/sp per recompute chunk (only the chunk's input is kept)
+    Under CP (`cp_gathered`) K/V are all-gathered and the gathered copies are kept instead of the local QKV
+    buffer and RoPE'd k (derived, not measured). `fused_norm=False` adds the x·rstd intermediate that torch's
+    composite RMSNorm keeps on CPU (h/sp per norm); CUDA's fused rms_norm keeps only input and rstd.
+    Assumes no dropout (Qwen2.5-VL has none) and bias adds that keep nothing.
     """
     sp_div = tp if sp else 1
-    q = m.heads * m.head_dim
-    none = elem * (4 * m.hidden / sp_div + 2 * q / tp + 3 * m.ffn / tp) + 4 * m.heads / tp
-    if recompute == "none":
-        return none
+    q = heads * head_dim
+    if recompute == "full":
+        return elem * h / sp_div
+    local_qkv = 0 if cp_gathered else (q + 2 * kv) + kv  # QKV buffer + RoPE'd k (else: gathered K/V, counted apart)
+    elems = 4 * h / sp_div + (3 * q + local_qkv + 5 * ffn) / tp
+    if not fused_norm:
+        elems += 2 * h / sp_div
+    extra = 4 * (heads / tp + 4 * head_dim + 2 / sp_div)
     if recompute == "selective":
-        return none - 4 * m.heads / tp
-    return elem * m.hidden / sp_div
+        return elem * (elems - q / tp) + extra - 4 * heads / tp
+    return elem * elems + extra
 
 
-def kv_bytes(m: ModelShape, tp: int, elem: int = 2) -> float:
-    """K and V one LM layer keeps per token of the length they cover (all-gathered full rows under CP)."""
+def lm_layer_activation_bytes(m: ModelShape, tp: int, sp: bool, recompute: str, elem: int = 2, cp: int = 1,
+                              fused_norm: bool = True) -> float:
+    """`layer_activation_bytes` at the LM's shape, per local token."""
+    return layer_activation_bytes(m.hidden, m.heads, m.kv_groups * m.head_dim, m.ffn, m.head_dim, tp, sp, recompute,
+                                  elem, cp > 1, fused_norm)
+
+
+def gathered_kv_bytes(m: ModelShape, tp: int, elem: int = 2) -> float:
+    """K and V one LM layer keeps per token of the whole row when CP all-gathers them (cp > 1 only)."""
     return elem * 2 * m.kv_groups * m.head_dim / tp
 
 
-def vit_block_activation_bytes(m: ModelShape, tp: int, recompute: str, elem: int = 2) -> float:
-    """Bytes one ViT block keeps per patch: the LM formula with MHA (K/V = hidden) and no sequence parallel
-    (the ViT's norms and linear inputs are replicated over TP); window and full-attention blocks alike."""
-    h, f = m.vit_hidden, m.vit_ffn
-    none = elem * (4 * h + 2 * h / tp + 2 * h / tp + 3 * f / tp) + 4 * m.vit_heads / tp
-    if recompute == "none":
-        return none
-    if recompute == "selective":
-        return none - 4 * m.vit_heads / tp
-    return elem * h
+def vit_block_activation_bytes(m: ModelShape, tp: int, recompute: str, elem: int = 2,
+                               fused_norm: bool = True) -> float:
+    """`layer_activation_bytes` at the ViT's shape (multi-head: K/V as wide as q; no sequence parallel, so norm
+    regions are replicated over TP; window and full-attention blocks alike), per patch."""
+    hv = m.vit_hidden
+    return layer_activation_bytes(hv, m.vit_heads, hv, m.vit_ffn, hv // m.vit_heads, tp, False, recompute, elem,
+                                  False, fused_norm)
 
 
 def merger_activation_bytes(m: ModelShape, tp: int, elem: int = 2) -> float:
@@ -296,8 +312,8 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelShape | N
     layer_s, layer_r = lm_layer_params(m)
     block_s, block_r = vit_block_params(m)
     patch_w, merger_s, merger_r = vit_extra_params(m)
-    a_none = lm_layer_activation_bytes(m, tp, sp, "none", elem)
-    kv_len = tokens if cp > 1 else local
+    a_none = lm_layer_activation_bytes(m, tp, sp, "none", elem, cp)
+    kv_full = gathered_kv_bytes(m, tp, elem) * tokens if cp > 1 else 0.0  # per layer, under CP
     v_none = vit_block_activation_bytes(m, tp, "none", elem)
 
     stages = []
@@ -323,11 +339,10 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelShape | N
             kept = math.ceil(n_layers / chunk) * lm_layer_activation_bytes(m, tp, sp, "full", elem) * local
             rebuilt = min(chunk, n_layers)
         else:
-            kept = n_layers * (lm_layer_activation_bytes(m, tp, sp, recompute, elem) * local
-                               + kv_bytes(m, tp, elem) * kv_len)
+            kept = n_layers * (lm_layer_activation_bytes(m, tp, sp, recompute, elem, cp) * local + kv_full)
             rebuilt = 0
         st.terms["activations"] = kept * in_flight
-        transient = (rebuilt + 1) * (a_none * local + kv_bytes(m, tp, elem) * kv_len)
+        transient = (rebuilt + 1) * (a_none * local + kv_full)
         if i == 0:
             vit_trains = not mc.freeze_vision
             if vit_trains and recompute == "full":

@@ -144,14 +144,16 @@ def test_memory_terms_move_the_right_way():
 
 
 def test_activation_formula_numbers():
-    """The per-layer formula at the 7B shape, spelled out (bf16, tp=4 with sequence parallel)."""
+    """The per-layer formula at the 7B shape, spelled out (bf16, tp=4 with sequence parallel; see plan.py)."""
     m = load_shape("qwen25vl-7b")
-    h, f, heads = 3584, 18944, 28
-    expected = 2 * (4 * h / 4 + 2 * h / 4 + 3 * f / 4) + 4 * heads / 4
-    assert lm_layer_activation_bytes(m, 4, True, "none") == expected
-    assert lm_layer_activation_bytes(m, 4, True, "selective") == expected - 4 * heads / 4
+    h, f, heads, kv, d = 3584, 18944, 28, 4 * 128, 128
+    none = 2 * (4 * h / 4 + (4 * h + 3 * kv + 5 * f) / 4) + 4 * (heads / 4 + 4 * d + 2 / 4)
+    assert lm_layer_activation_bytes(m, 4, True, "none") == pytest.approx(none)
+    assert lm_layer_activation_bytes(m, 4, True, "selective") == pytest.approx(none - 2 * h / 4 - 4 * heads / 4)
     assert lm_layer_activation_bytes(m, 4, True, "full") == 2 * h / 4
     assert lm_layer_activation_bytes(m, 4, False, "full") == 2 * h
+    cp = 2 * (4 * h / 4 + (3 * h + 5 * f) / 4) + 4 * (heads / 4 + 4 * d + 2 / 4)  # K/V counted as gathered
+    assert lm_layer_activation_bytes(m, 4, True, "none", cp=2) == pytest.approx(cp)
     assert isinstance(m, ModelShape) and m.head_dim == 128
 
 
