@@ -40,7 +40,6 @@ def _vlm_run(tp, cp, weights):
     from megatron_mmpl.models.qwen25vl.build import build_model, gather_full_weights, load_full_weights
     from megatron_mmpl.models.qwen25vl.presets import hf_config_from_preset
     from megatron_mmpl.parallel.context_parallel import (
-        encode_vision_over_cp,
         packed_seq_params,
         reduce_loss_across_cp,
         split_packed_batch,
@@ -57,14 +56,14 @@ def _vlm_run(tp, cp, weights):
     if cp > 1:  # input_ids stay whole: the merge needs every image pad; the merged row is split by the hook
         local = split_packed_batch(row, cp_rank, cp, keys=("labels", "loss_mask", "position_ids"))
         model.split_merged_embeddings = lambda emb: local["cp_plan"].split(emb, seq_dim=0)
-        # SHIM until models/qwen25vl/model.py calls encode_vision_over_cp itself (then delete these lines):
+        # count the patches this rank's ViT encodes (the model partitions images over CP itself)
         vit = model.vision_model.forward
-        merge = cfg.vision_config.spatial_merge_size
 
-        def vit_share(pix, grid):
-            return vit(pix, grid) if patches_seen.append(len(pix)) is None else None
+        def counting_vit(pix, grid):
+            patches_seen.append(len(pix))
+            return vit(pix, grid)
 
-        model.vision_model.forward = lambda pix, grid: encode_vision_over_cp(vit_share, pix, grid, merge, cp_group)
+        model.vision_model.forward = counting_vit
     else:
         local = row
     psp = packed_seq_params(local["cu_seqlens"])

@@ -13,6 +13,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_mmpl.models.qwen25vl.configs import Qwen25VLConfigs
 from megatron_mmpl.models.qwen25vl.specs import block_spec, language_layer_spec, vision_layer_spec
 from megatron_mmpl.models.qwen25vl.vision_model import Qwen25VisionModel
+from megatron_mmpl.parallel.context_parallel import encode_vision_over_cp
 
 
 class Qwen25VLModel(MegatronModule):
@@ -94,6 +95,14 @@ class Qwen25VLModel(MegatronModule):
             packed_seq_params=packed_seq_params, runtime_gather_output=True if labels is None else None,
         )
 
+    def _cp_group(self):
+        """The context-parallel group when the LM runs with CP > 1 (else None: encode every image here)."""
+        if self.language_model.config.context_parallel_size > 1:
+            from megatron.core import parallel_state as ps
+
+            return ps.get_context_parallel_group()
+        return None
+
     def _merged_embeddings(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
         """Token embeddings [s, b, h] with the ViT outputs written at the image/video pad tokens."""
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
@@ -117,7 +126,9 @@ class Qwen25VLModel(MegatronModule):
                     f"input_ids hold {int(mask.sum())} {kind} pad tokens (id {tok}) but {kind}_grid_thw "
                     f"{grid.tolist()} implies {implied} (Σ t·h·w / merge²); the prompt and the {kind}s disagree"
                 )
-            feats = self.vision_model(pix, grid)  # [n_tokens, h]
+            # Under CP each rank encodes a balanced share of the images; the embeddings are gathered here.
+            feats = encode_vision_over_cp(self.vision_model, pix, grid, self.cfgs.vision_dims.spatial_merge_size,
+                                          self._cp_group())  # [n_tokens, h]
             emb = emb.transpose(0, 1).masked_scatter(mask[..., None], feats.to(emb.dtype)).transpose(0, 1)
             used_vision = True
         if not used_vision and self.dummy_vision_on_text_only and self.training and torch.is_grad_enabled():
