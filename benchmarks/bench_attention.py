@@ -90,8 +90,11 @@ def bench_one(backend, seqlen, layout, heads, kv_heads, d, dtype, device, warmup
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        # what is already allocated (inputs, and megatron's persistent global buffer after megatron_local) is
+        # not this backend's working memory
+        held = torch.cuda.memory_allocated()
     sec = _time(step, warmup, iters, device)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    mem = (torch.cuda.max_memory_allocated() - held) / 2**30 if device.type == "cuda" else float("nan")
     return sec, _flops(cu, heads, d) / sec / 1e12, mem
 
 
@@ -125,7 +128,7 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# bench_attention {datetime.date.today()} on {name}, torch {torch.__version__}, {args.dtype}, "
           f"heads {args.heads}/{args.kv_heads}, head dim {args.head_dim}, causal, fwd+bwd")
-    print(f"{'layout':>8} {'seqlen':>8} {'backend':>15} {'ms':>10} {'TF/s':>8} {'peak GiB':>9} {'vs sdpa':>8}")
+    print(f"{'layout':>8} {'seqlen':>8} {'backend':>15} {'ms':>10} {'TF/s':>8} {'work GiB':>9} {'vs sdpa':>8}")
     for seqlen in args.seqlens:
         for layout in args.layouts:
             base = None
