@@ -71,6 +71,7 @@ exit $rc
 def build(args):
     """(task, executor) for the chosen executor."""
     import nemo_run as run
+    from nemo_run.config import get_nemorun_home
 
     if args.executor == "local":
         task = run.Script(path="megatron_mmpl.cli", args=train_args(args), entrypoint=args.python, m=True,
@@ -82,7 +83,9 @@ def build(args):
         account=args.account, partition=args.partition, nodes=args.nodes, ntasks_per_node=args.gpus_per_node,
         gpus_per_node=args.gpus_per_node if args.gpus_per_node and not args.no_gpus else None, time=args.time,
         exclusive=True, signal=f"USR1@{args.signal_seconds}", retries=args.retries,
-        tunnel=run.LocalTunnel(job_dir=args.job_dir), packager=run.Packager(),  # code is read in place (shared FS)
+        # Submit from this machine; job files go to NeMo-Run's experiment dir ($NEMORUN_HOME, on the shared FS),
+        # where LocalTunnel expects them. No packaging: the ranks read the checkout in place.
+        tunnel=run.LocalTunnel(job_dir=os.path.join(get_nemorun_home(), "experiments")), packager=run.Packager(),
     )
     return task, executor
 
@@ -122,7 +125,6 @@ def parse(argv=None):
     p.add_argument("--time", default="04:00:00", help="slurm: time limit")
     p.add_argument("--signal-seconds", type=int, default=300, help="slurm: USR1 this long before the time limit")
     p.add_argument("--retries", type=int, default=0, help="slurm: requeues after a time-limit stop or a failure")
-    p.add_argument("--job-dir", default=os.path.join(REPO, "runs", "nemo_run"), help="slurm: NeMo-Run's job files")
     p.add_argument("--dry-run", action="store_true", help="slurm: write the sbatch script, do not submit")
     p.add_argument("--out", default=None, help="with --dry-run: copy the script here")
     p.add_argument("--detach", action="store_true", help="return after submitting (slurm)")

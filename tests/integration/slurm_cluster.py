@@ -117,3 +117,15 @@ def slurm_cluster():
             pass
         lc.down(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """Visual-needle shards for the tiny preset (`mmpl data synth --kind needle`), built once per session."""
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny-shards") / "needle"
+    r = subprocess.run([sys.executable, "-m", "megatron_mmpl.cli", "data", "synth", "--kind", "needle", "--out",
+                        str(out), "--targets", "1k", "--per-target", "8"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
