@@ -1,6 +1,7 @@
 """The planner's per-layer activation formula equals, to the byte, what autograd keeps for one real LM layer and
 one ViT block of this trainer (megatron local layer + CoreAttention), at TP=2 with sequence parallel (LM), for
-recompute none / selective / full; fp32 on CPU (so with torch's composite RMSNorm: fused_norm=False)."""
+recompute none / selective / full; fp32 on CPU (so with torch's composite RMSNorm: fused_norm=False). On a GPU:
+the same at the Qwen2.5-VL-7B shapes in bf16 with fused_norm=True (flash/cuDNN attention, CUDA rms_norm)."""
 
 import pytest
 import torch
@@ -14,9 +15,11 @@ CU = [0, 200, 512]  # two packed samples (LM); the ViT gets three windows
 CU_VIT = [0, 64, 128, 512]
 
 
-def _shape_dict():
+def _shape_dict(preset: str = "tiny"):
     from megatron_mmpl.models.qwen25vl.presets import preset_dict
 
+    if preset != "tiny":
+        return preset_dict(preset)
     raw = preset_dict("tiny")
     raw["text_config"].update(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
                               num_hidden_layers=1)
@@ -40,7 +43,7 @@ def _saved_bytes(module, x, **kw) -> int:
     return sum(seen.values())
 
 
-def _measure(tp: int):
+def _measure(tp: int, preset: str = "tiny", seq: int = SEQ, cu=tuple(CU), cu_vit=tuple(CU_VIT), bf16: bool = False):
     from megatron.core.transformer.spec_utils import build_module
     from transformers import Qwen2_5_VLConfig
 
@@ -50,15 +53,17 @@ def _measure(tp: int):
 
     initialize_parallel(tp=tp)
     torch.manual_seed(0)
-    hf = Qwen2_5_VLConfig(**_shape_dict())
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    hf = Qwen2_5_VLConfig(**_shape_dict(preset))
     out = {}
     for recompute in ("none", "selective", "full"):
         over = {} if recompute == "none" else (
             {"recompute_granularity": "selective"} if recompute == "selective" else
             {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1})
-        cfgs = megatron_configs(hf, tp=tp, sequence_parallel=tp > 1, overrides=over)
+        cfgs = megatron_configs(hf, tp=tp, sequence_parallel=tp > 1, overrides=over, dtype=dtype)
         h, hv = cfgs.language.hidden_size, cfgs.vision.hidden_size
-        psp = packed_seq_params(torch.tensor(CU, dtype=torch.int32))
+        psp = packed_seq_params(torch.tensor(cu, dtype=torch.int32, device=dev))
         if recompute == "full":  # megatron checkpoints whole layers in TransformerBlock; measure through one
             from megatron.core.transformer.transformer_block import TransformerBlock
 
@@ -68,17 +73,20 @@ def _measure(tp: int):
                                   post_layer_norm=False)
         else:
             lm = build_module(language_layer_spec("sdpa"), config=cfgs.language, layer_number=1)
-        x = torch.randn(SEQ // tp, 1, h, requires_grad=True)  # sequence parallel: this rank's rows
-        rope = torch.randn(SEQ, 1, 1, h // cfgs.language.num_attention_heads)
+        lm.to(dev)
+        x = torch.randn(seq // tp, 1, h, device=dev, dtype=dtype, requires_grad=True)  # SP: this rank's rows
+        rope = torch.randn(seq, 1, 1, h // cfgs.language.num_attention_heads, device=dev)
         saved = _saved_bytes(lm, x, rotary_pos_emb=rope, packed_seq_params=psp)
-        out[f"lm_{recompute}"] = (saved + x.nbytes) / SEQ  # per token of the row (SP shards only norm regions)
+        out[f"lm_{recompute}"] = (saved + x.nbytes) / seq  # per token of the row (SP shards only norm regions)
+        del lm
         if recompute != "full":
-            vit = build_module(vision_layer_spec((), "sdpa"), config=cfgs.vision, layer_number=1)
-            xv = torch.randn(SEQ, 1, hv, requires_grad=True)
-            ropev = torch.randn(SEQ, 1, 1, hv // cfgs.vision.num_attention_heads)
-            segs = packed_seq_params(torch.tensor(CU_VIT, dtype=torch.int32))
+            vit = build_module(vision_layer_spec((), "sdpa"), config=cfgs.vision, layer_number=1).to(dev)
+            xv = torch.randn(seq, 1, hv, device=dev, dtype=dtype, requires_grad=True)
+            ropev = torch.randn(seq, 1, 1, hv // cfgs.vision.num_attention_heads, device=dev)
+            segs = packed_seq_params(torch.tensor(cu_vit, dtype=torch.int32, device=dev))
             out[f"vit_{recompute}"] = (_saved_bytes(vit, xv, rotary_pos_emb=ropev, packed_seq_params=segs)
-                                       + xv.nbytes) / SEQ
+                                       + xv.nbytes) / seq
+            del vit
     destroy_parallel()
     return out
 
@@ -97,3 +105,21 @@ def test_formula_matches_saved_tensors():
         # full: the block keeps the layer input (SP rows) plus the RoPE table (whole row, fp32), once per chunk
         full = lm_layer_activation_bytes(m, 2, True, "full", elem=4) + 4 * m.head_dim
         assert rank_result["lm_full"] == pytest.approx(full, rel=1e-4), (rank_result, full)
+
+
+@pytest.mark.gpu
+def test_formula_matches_saved_tensors_7b_bf16_on_gpu():
+    """Qwen2.5-VL-7B layer and ViT block, bf16 on one GPU, 8K tokens in 3 samples / 8K patches in 64-patch
+    windows: the planner's numbers (fused_norm=True) within 2 % of what autograd keeps."""
+    from megatron_mmpl.config.plan import ModelShape, lm_layer_activation_bytes, vit_block_activation_bytes
+
+    m = ModelShape.from_hf_dict(_shape_dict("qwen25vl-7b"))
+    seq = 8192
+    (got,) = run_distributed(_measure, 1, 1, "qwen25vl-7b", seq, (0, 1000, 5000, seq),
+                             tuple(range(0, seq + 1, 64)), True, timeout=600)
+    for recompute in ("none", "selective"):
+        lm = lm_layer_activation_bytes(m, 1, False, recompute)
+        vit = vit_block_activation_bytes(m, 1, recompute)
+        assert got[f"lm_{recompute}"] == pytest.approx(lm, rel=0.02), (recompute, got, lm)
+        assert got[f"vit_{recompute}"] == pytest.approx(vit, rel=0.02), (recompute, got, vit)
+    assert got["lm_full"] == pytest.approx(lm_layer_activation_bytes(m, 1, False, "full") + 4 * m.head_dim, rel=0.02)
