@@ -59,9 +59,10 @@ def apply_cpu_runtime() -> bool:
         return True
     import megatron.core.tensor_parallel.random as mrandom
 
-    # torch.cuda.current_device(): megatron passes it as `device=` (schedules, p2p, DDP buffers) and uses it
-    # to index default generators; 0 is mapped to CPU by CudaToCpuMode.
-    torch.cuda.current_device = lambda: 0
+    # torch.cuda.current_device(): megatron passes it as `device=` (schedules, p2p, DDP buffers, and the
+    # sequence-parallel all-gather buffers in tensor_parallel.layers' backward, where CudaToCpuMode is not
+    # active): answering "cpu" makes those allocations land on CPU without the mode.
+    torch.cuda.current_device = lambda: "cpu"
     # torch.cuda.synchronize(): timers and the distributed optimizer call it; nothing to wait for on CPU.
     torch.cuda.synchronize = lambda device=None: None
     # CudaRNGStatesTracker.add()/fork() (tensor_parallel.random) save, seed and restore the "device" RNG:

@@ -7,10 +7,10 @@ from collections.abc import Callable
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mmpl.models.qwen25vl.configs import Qwen25VLConfigs
+from megatron_mmpl.models.qwen25vl.language_model import LanguageModel
 from megatron_mmpl.models.qwen25vl.specs import block_spec, language_layer_spec, vision_layer_spec
 from megatron_mmpl.models.qwen25vl.vision_model import Qwen25VisionModel
 from megatron_mmpl.parallel.context_parallel import encode_vision_over_cp
@@ -40,7 +40,7 @@ class Qwen25VLModel(MegatronModule):
         if pre_process:
             spec = vision_layer_spec(cfgs.vision_dims.fullatt_block_indexes, attention_backend)
             self.vision_model = Qwen25VisionModel(cfgs.vision, cfgs.projector, cfgs.vision_dims, spec)
-        self.language_model = GPTModel(
+        self.language_model = LanguageModel(
             config=cfgs.language,
             transformer_layer_spec=block_spec(language_layer_spec(attention_backend), cfgs.language, vp_stage),
             vocab_size=cfgs.vocab_size, max_sequence_length=cfgs.max_position_embeddings,
