@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     from megatron_mmpl.models.qwen25vl import presets
 
     cfg = presets.hf_config_from_preset(args.preset)
-    cfg.torch_dtype = args.dtype
+    cfg.dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
     with torch.device("meta"):
         meta = Qwen2_5_VLForConditionalGeneration(cfg)
     shapes = {n: t.shape for n, t in meta.state_dict().items()}
