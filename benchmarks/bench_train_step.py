@@ -31,14 +31,21 @@ def _cfg(layers: int):
     return cfg
 
 
-def _batch(cfg, seqlen: int, segments: int, device):
+def _batch(cfg, seqlen: int, segments: int, device, answer_tokens: int):
+    """One packed row; with answer_tokens > 0 only the last `answer_tokens` of each sample are supervised (-100
+    elsewhere), as in long-document VQA."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 150000, (1, seqlen), generator=g).to(device)
-    labels = torch.randint(0, 150000, (1, seqlen), generator=g).to(device)
+    labels = torch.randint(0, 150000, (1, seqlen), generator=g)
     seg = seqlen // segments
     pos = torch.cat([torch.arange(seg)] * segments + [torch.arange(seqlen - seg * segments)]).to(device)
     cu = [i * seg for i in range(segments)] + [seqlen]
-    return ids, labels, pos.expand(3, 1, seqlen).contiguous(), cu
+    if answer_tokens:
+        keep = torch.zeros(seqlen, dtype=torch.bool)
+        for end in cu[1:]:
+            keep[max(0, end - answer_tokens):end] = True
+        labels[0, ~keep] = -100
+    return ids, labels.to(device), pos.expand(3, 1, seqlen).contiguous(), cu
 
 
 def _time(step, warmup: int, iters: int) -> tuple[float, float]:
@@ -53,18 +60,19 @@ def _time(step, warmup: int, iters: int) -> tuple[float, float]:
     return (time.perf_counter() - t) / iters, torch.cuda.max_memory_allocated() / 2**30
 
 
-def ours(cfg, seqlen, segments, warmup, iters):
+def ours(cfg, seqlen, segments, warmup, iters, answer_tokens):
     from megatron_mmpl.models.qwen25vl.build import build_model
     from megatron_mmpl.parallel.context_parallel import packed_seq_params
 
     model = build_model(cfg, dtype=torch.bfloat16).cuda().train()
     model.dummy_vision_on_text_only = False  # LM-only comparison
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    ids, labels, pos, cu = _batch(cfg, seqlen, segments, "cuda")
+    ids, labels, pos, cu = _batch(cfg, seqlen, segments, "cuda", answer_tokens)
     psp = packed_seq_params(cu)
+    mask = (labels >= 0).float()
 
     def step():
-        loss = model(ids, pos, labels=labels, packed_seq_params=psp).float().mean()
+        loss = (model(ids, pos, labels=labels, packed_seq_params=psp).float() * mask).sum() / mask.sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -72,7 +80,7 @@ def ours(cfg, seqlen, segments, warmup, iters):
     return _time(step, warmup, iters)
 
 
-def peer(cfg, seqlen, segments, warmup, iters):
+def peer(cfg, seqlen, segments, warmup, iters, answer_tokens):
     """transformers with SDPA; packed samples via position_ids restarts are not isolated by SDPA there, so the
     peer runs one sample per row (segments=1) — it is the cheaper case for the peer, never the harder one."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -81,7 +89,7 @@ def peer(cfg, seqlen, segments, warmup, iters):
     with torch.device("cuda"):
         model = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.bfloat16).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    ids, labels, pos, _ = _batch(cfg, seqlen, 1, "cuda")
+    ids, labels, pos, _ = _batch(cfg, seqlen, 1, "cuda", answer_tokens)
 
     def step():
         out = model(input_ids=ids, position_ids=pos, labels=labels)
@@ -97,6 +105,8 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     p.add_argument("--segments", type=int, default=1, help="packed samples per row for ours")
+    p.add_argument("--answer-tokens", type=int, default=32,
+                   help="supervised tokens at the end of each sample (0: every token supervised)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     args = p.parse_args(argv)
@@ -110,7 +120,8 @@ def main(argv=None) -> None:
     cfg = _cfg(args.layers)
     fm = FlopModel.from_hf(cfg)
     print(f"# bench_train_step {datetime.date.today()} on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"7B widths, {args.layers} LM layers, bf16, fwd+bwd+AdamW, segments/row {args.segments}")
+          f"7B widths, {args.layers} LM layers, bf16, fwd+bwd+AdamW, segments/row {args.segments}, "
+          f"supervised tokens/sample {args.answer_tokens or 'all'}")
     print(f"{'seqlen':>7} {'impl':>13} {'ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'peak GiB':>9} {'vs peer':>8}")
     for s in args.seqlens:
         rows = {}
@@ -118,7 +129,7 @@ def main(argv=None) -> None:
             seg = s // segs
             flops = fm.lm_flops([seg] * (segs - 1) + [s - seg * (segs - 1)])
             try:
-                sec, mem = fn(cfg, s, segs, args.warmup, args.iters)
+                sec, mem = fn(cfg, s, segs, args.warmup, args.iters, args.answer_tokens)
             except torch.OutOfMemoryError:
                 print(f"{s:>7} {name:>13} {'OOM':>9}")
                 continue

@@ -1,9 +1,13 @@
 """The LM: megatron's GPTModel whose training loss never holds the whole [s, V] logits at once.
 
 At 128K tokens × 152K vocab the logits alone are 39 GB in bf16 (and twice that in fp32 inside the cross
-entropy). With labels, the hidden states are cut into chunks of `loss_chunk_tokens`; each chunk runs the output
-layer and megatron's (vocab-parallel) cross entropy under activation checkpointing, so one chunk's logits exist
-at a time and the backward recomputes them. Without labels (inference, parity tests) it is GPTModel unchanged.
+entropy). With labels:
+- only supervised positions (label ≥ 0; the data marks the rest -100) go through the output layer — long-document
+  VQA supervises tens of answer tokens per 100K — and the others get loss 0 (the loss mask zeroes them anyway);
+- what is left is cut into chunks of `loss_chunk_tokens`; each chunk runs the output layer and megatron's
+  (vocab-parallel) cross entropy under activation checkpointing, so one chunk's logits exist at a time.
+Under sequence parallelism every position is kept (TP ranks hold different positions). Without labels
+(inference, parity tests) this is GPTModel unchanged.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ class LanguageModel(GPTModel):
         if labels is None or not self.post_process or self.mtp_process or not chunk:
             return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        return chunked_token_loss(hidden_states, labels, self._chunk_loss, weight, chunk,
-                                  sequence_parallel=self.output_layer.sequence_parallel)
+        if self.output_layer.sequence_parallel:
+            return chunked_token_loss(hidden_states, labels, self._chunk_loss, weight, chunk, sequence_parallel=True)
+        return supervised_token_loss(hidden_states, labels, self._chunk_loss, weight, chunk)
 
     def _chunk_loss(self, hidden: torch.Tensor, labels: torch.Tensor, weight) -> torch.Tensor:
         """hidden [k_local, b, h], labels [b, k] → per-token loss [b, k] (logits [k, b, V/tp] live only here)."""
@@ -46,7 +51,7 @@ def chunked_token_loss(hidden: torch.Tensor, labels: torch.Tensor, chunk_loss, w
     s_local = hidden.shape[0]
     tp = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
     if s_local <= chunk:
-        return chunk_loss(hidden, labels, weight)
+        return chunk_loss(hidden, labels, weight).float()
     out = torch.empty_like(labels, dtype=torch.float32)
     for start in range(0, s_local, chunk):
         stop = min(start + chunk, s_local)
@@ -54,3 +59,17 @@ def chunked_token_loss(hidden: torch.Tensor, labels: torch.Tensor, chunk_loss, w
         loss = checkpoint(chunk_loss, hidden[start:stop], labels[:, idx], weight, use_reentrant=False)
         out = out.index_copy(1, idx, loss.float())
     return out
+
+
+def supervised_token_loss(hidden: torch.Tensor, labels: torch.Tensor, chunk_loss, weight, chunk: int) -> torch.Tensor:
+    """Per-token loss [b, s] computed only where labels ≥ 0 (0 elsewhere); hidden [s, b, h], labels [b, s]."""
+    s, b, h = hidden.shape
+    flat_labels = labels.transpose(0, 1).reshape(-1)  # [s·b], the order of hidden.view(s·b, h)
+    idx = torch.nonzero(flat_labels >= 0).squeeze(1)
+    if idx.numel() == 0:  # keep the output layer in the graph (same collectives and grads on every rank)
+        idx = flat_labels.new_zeros(1)
+    picked = hidden.reshape(s * b, h).index_select(0, idx)[:, None, :]  # [n, 1, h]
+    loss = chunked_token_loss(picked, flat_labels[idx].clamp_min(0)[None, :], chunk_loss, weight, chunk)  # [1, n]
+    out = torch.zeros(s * b, dtype=torch.float32, device=hidden.device)
+    out = out.index_copy(0, idx, loss[0].float() * (flat_labels[idx] >= 0))
+    return out.view(s, b).transpose(0, 1)
