@@ -4,6 +4,7 @@ Layout of `checkpoint.save`:
     iter_0000100/               one complete checkpoint (megatron dist_checkpointing dir)
         metadata.json, common.pt, *.distcp   model + optimizer (fully_reshardable: TP/PP/DP reshardable)
         mmpl/config.yaml        the resolved run config
+        mmpl/hf/                the model's HF config.json + tokenizer/processor files (export needs nothing else)
         mmpl/data_dp{r}.pt      data-loader state of data-parallel rank r
         mmpl/rng_{layout}_r{n}.pt   RNG states of global rank n under that layout
     latest_checkpointed_iteration.txt   tracker: the newest complete step, written last and atomically
@@ -120,8 +121,30 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+HF_DIR = "mmpl/hf"
+
+
+def write_hf_side_files(out: str, hf, load_path: str | None, tokenizer_name: str | None) -> None:
+    """The model's HF config and its tokenizer/processor files, once per run (copied into every checkpoint):
+    from the converted checkpoint the run started from when it has them, else generated for the data's tokenizer."""
+    from megatron_mmpl.conversion.hf_checkpoint import SIDE_FILES
+
+    os.makedirs(out, exist_ok=True)
+    hf.save_pretrained(out)
+    source = os.path.join(load_path, HF_DIR) if load_path else None
+    copied = [f for f in SIDE_FILES if source and os.path.isfile(os.path.join(source, f))]
+    for f in copied:
+        shutil.copy2(os.path.join(source, f), os.path.join(out, f))
+    if not copied and tokenizer_name:
+        from pathlib import Path
+
+        from megatron_mmpl.conversion.processor_files import write_processor_files
+
+        write_processor_files(Path(out), hf, tokenizer_name)
+
+
 def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, config_yaml: str,
-                    data_state: dict | None, keep_last: int = 0) -> str:
+                    data_state: dict | None, keep_last: int = 0, hf_side_dir: str | None = None) -> str:
     """Save a complete checkpoint of step `state.step` (collective: every rank calls it)."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -155,6 +178,8 @@ def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, c
     if _rank() == 0:
         with open(os.path.join(partial, STATE_DIR, "config.yaml"), "w") as f:
             f.write(config_yaml)
+        if hf_side_dir and os.path.isdir(hf_side_dir):
+            shutil.copytree(hf_side_dir, os.path.join(partial, HF_DIR))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         tmp = os.path.join(root, TRACKER + ".tmp")

@@ -1,4 +1,5 @@
-"""One console line per log interval, plus TensorBoard (always), W&B (if configured), metrics.jsonl and a tqdm bar."""
+"""One console line per log interval, plus TensorBoard (always), W&B (if configured), metrics.jsonl, losses.tsv
+(every step) and a tqdm bar on a terminal."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class RunLogger:
             return
         os.makedirs(cfg.run_dir, exist_ok=True)
         self.jsonl = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
+        self.losses = open(os.path.join(cfg.run_dir, "losses.tsv"), "a")  # every step: step <tab> loss
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(cfg.tensorboard_dir)
@@ -64,11 +66,14 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in clean.items()}, step=step)
 
-    def advance(self, loss: float | None = None) -> None:
+    def advance(self, step: int, loss: float) -> None:
+        if not self.writer:
+            return
+        self.losses.write(f"{step}\t{loss:.6f}\n")
+        self.losses.flush()
         if self.bar is not None:
             self.bar.update(1)
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}")
 
     def print(self, msg: str) -> None:
         if self.writer:
@@ -83,5 +88,6 @@ class RunLogger:
         self.tb.flush()
         self.tb.close()
         self.jsonl.close()
+        self.losses.close()
         if self.wandb is not None:
             self.wandb.finish()

@@ -70,6 +70,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     hf, (start_kind, start_path) = preflight(cfg, world_size)
+    hf_side_dir = os.path.join(cfg.run_dir, "hf_files")  # HF config + tokenizer, copied into each checkpoint
     p, d = cfg.parallel, cfg.data
     initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.seed)
     rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -78,6 +79,11 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     config_yaml = dump_yaml(cfg)
     if rank == 0:
         dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        tokenizer = check_data_dir(cfg.data.shards).get("tokenizer_name")
+        side_source = start_path if start_kind == "model" else None
+        if start_kind == "resume":
+            side_source = ckpt.iter_dir(start_path, ckpt.latest_step(start_path))
+        ckpt.write_hf_side_files(hf_side_dir, hf, side_source, tokenizer)
 
     # Model: this rank's chunk, frozen parts, weights of a converted checkpoint, DDP + distributed optimizer.
     module = build_model_chunk(cfg, hf)
@@ -149,14 +155,15 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
             result.step = state.step
             window.add(loss, grad_norm, totals[2].item(), totals[3].item(), totals[4].item(), waits[0].item(),
                        time.perf_counter() - t0)
-            log.advance(loss)
+            log.advance(state.step, loss)
             if state.step % cfg.logging.interval == 0 or state.step == end:
                 log.log(state.step, window.metrics(lr, world_size, peak))
                 window = _Window()
 
             stop = signals.agreed()
             if stop or state.step % cfg.checkpoint.interval == 0 or state.step == total_steps:
-                result.checkpoint = _save(cfg, model, optimizer, scheduler, state, config_yaml, batches)
+                result.checkpoint = _save(cfg, model, optimizer, scheduler, state, config_yaml, batches,
+                                          hf_side_dir)
             if stop:
                 result.stopped_by_signal = True
                 log.print(f"[mmpl train] stop signal: saved step {state.step} to {result.checkpoint}; exiting")
@@ -170,10 +177,10 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     return result
 
 
-def _save(cfg, model, optimizer, scheduler, state, config_yaml, batches) -> str:
+def _save(cfg, model, optimizer, scheduler, state, config_yaml, batches, hf_side_dir) -> str:
     data_state = batches.state_dict() if hasattr(batches, "state_dict") else None
     return ckpt.save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, state, config_yaml, data_state,
-                                keep_last=cfg.checkpoint.keep_last)
+                                keep_last=cfg.checkpoint.keep_last, hf_side_dir=hf_side_dir)
 
 
 def _all_reduce(t: torch.Tensor, op) -> None:
