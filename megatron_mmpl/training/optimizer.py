@@ -47,7 +47,6 @@ def wrap_ddp(module, cfg: Config):
 def build_optimizer(model, cfg: Config):
     """`get_megatron_optimizer` (AdamW, decoupled wd, no wd on norms/biases) + OptimizerParamScheduler."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o = cfg.optim
     dtype = DTYPES[cfg.model.dtype]
@@ -59,13 +58,19 @@ def build_optimizer(model, cfg: Config):
     )
     # Megatron's default groups: weight decay off for biases and 1-D params (norm weights), on for the rest.
     optimizer = get_megatron_optimizer(ocfg, [model])
-    steps = train_steps(cfg)
-    scheduler = OptimizerParamScheduler(
+    return optimizer, build_scheduler(optimizer, cfg)
+
+
+def build_scheduler(optimizer, cfg: Config):
+    """Linear warmup from 0, then cosine (or linear/constant) decay to optim.min_lr at the last step."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o, steps = cfg.optim, train_steps(cfg)
+    return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup_steps(cfg),
         lr_decay_steps=steps, lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=steps, wd_incr_style="constant",
     )
-    return optimizer, scheduler
 
 
 def current_lr(optimizer) -> float:

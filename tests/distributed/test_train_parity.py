@@ -1,6 +1,8 @@
-"""TP=2 and PP=2 training follows TP=1: same start weights, same data → per-step loss within 1e-5 relative (fp32)."""
+"""TP=2 and PP=2 training follows TP=1: same start weights, same data → per-step loss within 1e-5 relative (fp32).
+Freeze switches keep the frozen towers' weights."""
 
 import pytest
+import torch
 
 from megatron_mmpl.parallel.spawn import run_distributed
 from tests.distributed.train_helpers import merged_weights, overrides, run_training, save_start_checkpoint
@@ -12,7 +14,7 @@ STEPS = 5
 
 def test_tp2_and_pp2_follow_tp1(tmp_path):
     start = str(tmp_path / "start")
-    run_distributed(save_start_checkpoint, 1, start)
+    (start_weights,) = run_distributed(save_start_checkpoint, 1, start)
     runs = {}
     for name, world, extra in (("tp1", 1, []), ("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.pp=2"])):
         args = overrides(str(tmp_path), f"checkpoint.load={start}", f"schedule.train_steps={STEPS}",
@@ -31,3 +33,12 @@ def test_tp2_and_pp2_follow_tp1(tmp_path):
         assert weights.keys() == ref_w.keys()
         for n, w in ref_w.items():  # Adam normalises updates, so tiny loss differences stay tiny in the weights
             assert (weights[n] - w).norm() <= 1e-4 * w.norm(), (name, n)
+
+    # Freeze the ViT and the merger: after 2 steps they are the start weights, the LM moved.
+    args = overrides(str(tmp_path), f"checkpoint.load={start}", "schedule.train_steps=2", "optim.warmup=0",
+                     "model.freeze_vision=true", "model.freeze_merger=true", f"run_dir={tmp_path / 'frozen'}")
+    (frozen,) = run_distributed(run_training, 1, args)
+    vision = [n for n in start_weights if n.startswith("vision_model.")]
+    assert vision and all(torch.equal(frozen["weights"][n], start_weights[n]) for n in vision)
+    assert not torch.equal(frozen["weights"]["language_model.output_layer.weight"],
+                           start_weights["language_model.output_layer.weight"])

@@ -36,8 +36,9 @@ def overrides(tmp: str, *extra: str) -> list[str]:
     return [*BASE, f"data.shards={shards}", *extra]
 
 
-def save_start_checkpoint(path: str, seed: int = 0) -> None:
-    """A TP1/PP1 model-only dist checkpoint (what `mmpl convert` writes), so every layout starts equal."""
+def save_start_checkpoint(path: str, seed: int = 0) -> dict:
+    """A TP1/PP1 model-only dist checkpoint (what `mmpl convert` writes), so every layout starts equal.
+    Returns its weights."""
     import torch
     from megatron.core import dist_checkpointing
 
@@ -52,6 +53,9 @@ def save_start_checkpoint(path: str, seed: int = 0) -> None:
     module = build_model_chunk(cfg, resolve_hf_config(cfg.model))
     os.makedirs(path, exist_ok=True)
     dist_checkpointing.save({"model": module.sharded_state_dict()}, path)
+    from megatron_mmpl.models.qwen25vl.build import gather_full_weights
+
+    return gather_full_weights(module)
 
 
 def run_training(args: list[str], max_steps: int | None = None, env: dict | None = None) -> dict:
