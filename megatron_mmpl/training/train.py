@@ -36,6 +36,7 @@ class TrainResult:
     stopped_by_signal: bool = False
     checkpoint: str | None = None
     model: object = None  # the bare model chunk (tests gather its weights)
+    optimizer: object = None
 
 
 def plan_start(cfg: Config) -> tuple[str, str | None]:
@@ -118,7 +119,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     log.print(f"[mmpl train] {start_kind} at step {state.step}/{total_steps}: world {world_size} = "
               f"tp {p.tp} x pp {p.pp} x cp {p.cp} x dp {dp}; {num_microbatches} micro-batches of {d.micro_batch_size}")
     signals = StopSignal()
-    result = TrainResult(step=state.step, model=module)
+    result = TrainResult(step=state.step, model=module, optimizer=optimizer)
     peak = peak_tflops(cfg.logging.peak_tflops)
     window = _Window()
     end = total_steps if max_steps is None else min(total_steps, max_steps)

@@ -36,7 +36,7 @@ def overrides(tmp: str, *extra: str) -> list[str]:
     return [*BASE, f"data.shards={shards}", *extra]
 
 
-def save_start_checkpoint(path: str, seed: int = 0) -> dict:
+def save_start_checkpoint(path: str, seed: int = 0, extra: tuple = ()) -> dict:
     """A TP1/PP1 model-only dist checkpoint (what `mmpl convert` writes), so every layout starts equal.
     Returns its weights."""
     import torch
@@ -49,7 +49,7 @@ def save_start_checkpoint(path: str, seed: int = 0) -> dict:
 
     initialize_parallel()
     torch.manual_seed(seed)
-    cfg = load_config(None, TINY_MODEL)
+    cfg = load_config(None, [*TINY_MODEL, *extra])
     module = build_model_chunk(cfg, resolve_hf_config(cfg.model))
     os.makedirs(path, exist_ok=True)
     dist_checkpointing.save({"model": module.sharded_state_dict()}, path)
