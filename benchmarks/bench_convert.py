@@ -2,7 +2,8 @@
 
     python benchmarks/bench_convert.py --preset qwen25vl-3b --dtype bf16 --work /tmp/bench-convert
 
-Peak RSS is sampled (every 50 ms) over the converter process and its children; the target for hf-to-mcore is
+Peak memory is the summed PSS of the converter process and its children (dist_checkpointing forks writers that
+share the parent's pages, so summed RSS would count them twice), sampled every 50 ms; the target for hf-to-mcore is
 ≤ 1.3 × checkpoint bytes + 2 GiB. Each direction runs as `mmpl convert ...` in a fresh process.
 """
 
@@ -27,9 +28,9 @@ def _run_measured(cmd: list[str]) -> tuple[float, int]:
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
-        try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            peak = max(peak, rss)
+        try:  # PSS: pages shared with forked writer processes are counted once, not once per process
+            procs = [ps, *ps.children(recursive=True)]
+            peak = max(peak, sum(p.memory_full_info().pss for p in procs))
         except psutil.Error:
             pass
         time.sleep(0.05)
@@ -60,8 +61,8 @@ def main(argv=None) -> None:
     res = {
         "date": str(datetime.date.today()), "preset": args.preset, "dtype": args.dtype,
         "cpus": os.cpu_count(), "checkpoint_gib": round(ckpt_bytes / gib, 2),
-        "hf_to_mcore_s": round(t_in, 1), "hf_to_mcore_peak_rss_gib": round(rss_in / gib, 2),
-        "mcore_to_hf_s": round(t_out, 1), "mcore_to_hf_peak_rss_gib": round(rss_out / gib, 2),
+        "hf_to_mcore_s": round(t_in, 1), "hf_to_mcore_peak_pss_gib": round(rss_in / gib, 2),
+        "mcore_to_hf_s": round(t_out, 1), "mcore_to_hf_peak_pss_gib": round(rss_out / gib, 2),
         "rss_target_gib": round((1.3 * ckpt_bytes + 2 * gib) / gib, 2),
     }
     print(json.dumps(res, indent=2))
