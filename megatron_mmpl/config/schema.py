@@ -74,7 +74,7 @@ class DataConfig:
     max_seq_len: int = 131072
     """Packed row length (tokens per micro-batch row); samples are packed up to it."""
     micro_batch_size: int = 1
-    """Packed rows per micro-batch, per data-parallel rank."""
+    """Packed rows per micro-batch, per data-parallel rank (1: a micro-batch is one packed row)."""
     global_batch_size: int = 8
     """Packed rows per optimizer step over all data-parallel ranks (= micro · dp · micro-batches per step)."""
     num_workers: int = 2

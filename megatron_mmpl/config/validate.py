@@ -43,6 +43,9 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"data.recipe={d.recipe!r} must be balanced | pool_native | target:N (N tokens)")
     if d.min_len > d.max_len:
         raise ConfigError(f"data.min_len={d.min_len} is above data.max_len={d.max_len}")
+    if d.micro_batch_size != 1:
+        raise ConfigError(f"data.micro_batch_size={d.micro_batch_size}: a micro-batch is one packed row (b=1); "
+                          "raise data.max_seq_len or data.global_batch_size instead")
     if d.global_batch_size % d.micro_batch_size:
         raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
                           f"data.micro_batch_size={d.micro_batch_size}")

@@ -210,8 +210,12 @@ def _allocate_adam_state(optimizer) -> None:
 
     megatron 0.16.1 `DistributedOptimizer.sharded_state_dict(is_loading=True)` first calls `state_dict()`, which
     with torch's Adam (no TE/apex installed) asserts one common 'step' over a state that does not exist yet.
-    Every value allocated here is overwritten by the load.
+    Every value allocated here is overwritten by the load. (With TE/apex, megatron allocates the state itself.)
     """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
         if inner is None or len(inner.state):

@@ -92,7 +92,7 @@ def test_presets_resolve_to_qwen_shapes():
         (["data.shards="], None, "data.shards is empty"),
         (["schedule.train_tokens=null"], None, "schedule.train_steps and schedule.train_tokens are both null"),
         (["parallel.sequence_parallel=true", "parallel.tp=1"], None, "parallel.sequence_parallel=true needs"),
-        (["data.global_batch_size=3", "data.micro_batch_size=2"], None, "data.global_batch_size=3"),
+        (["data.micro_batch_size=2"], None, "data.micro_batch_size=2: a micro-batch is one packed row"),
         (["parallel.tp=3", "parallel.cp=1"], 24, "parallel.tp=3 does not divide LM attention heads=28"),
         ([*DENSE, "parallel.pp=3"], 3, "parallel.pp=3 does not divide the 28 LM layers"),
         ([*DENSE, "parallel.pp=3", "parallel.first_stage_layers=4"], 3, None),
