@@ -1,7 +1,8 @@
 """Run a function in N local ranks (gloo on CPU): the harness behind every distributed test.
 
-Ranks are forked from a forkserver that has already imported torch and megatron.core, so each rank starts in
-well under a second instead of re-importing megatron (~7 s per process on 2 cores).
+On CPU, ranks are forked from a forkserver that has already imported torch and megatron.core, so each rank
+starts in well under a second instead of re-importing megatron (~7 s per process on 2 cores). With CUDA they
+are spawned (one GPU per rank: LOCAL_RANK).
 """
 
 from __future__ import annotations
@@ -17,10 +18,17 @@ _CTX = None
 
 
 def _context():
+    """forkserver with preloaded imports on CPU; plain spawn with CUDA (importing megatron initialises CUDA,
+    and a CUDA context cannot cross a fork)."""
     global _CTX
     if _CTX is None:
-        _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload([m for m in _PRELOAD if _importable(m)])
+        import torch
+
+        if torch.cuda.is_available():
+            _CTX = mp.get_context("spawn")
+        else:
+            _CTX = mp.get_context("forkserver")
+            _CTX.set_forkserver_preload([m for m in _PRELOAD if _importable(m)])
     return _CTX
 
 
