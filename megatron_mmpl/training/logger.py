@@ -21,6 +21,8 @@ def format_line(step: int, total: int, metrics: dict) -> str:
             parts.append(fmt.format(metrics[key]))
             if key == "tflops_per_gpu" and metrics.get("vit_tflops_per_gpu") is not None:
                 parts[-1] += f" + ViT {metrics['vit_tflops_per_gpu']:.3g}"
+            if key == "mfu" and metrics.get("vit_mfu") is not None:
+                parts[-1] += f" + ViT {metrics['vit_mfu']:.1%}"
     return " | ".join(parts)
 
 

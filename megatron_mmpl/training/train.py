@@ -140,14 +140,14 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
             state.step += 1
             state.consumed_samples += d.global_batch_size
 
-            # One all-reduce for everything logged: loss Σ/count (last stage, TP rank 0), tokens and FLOPs
-            # (first rank of each replica), data wait (max over ranks, via a second reduce).
+            # Two small all-reduces for everything logged: SUM of loss Σ/count (last stage, TP rank 0), tokens and
+            # FLOPs (first rank of each replica); MAX of data wait and peak memory over ranks.
             loss_pair = torch.stack([r["lm loss"] for r in reports]).sum(0).cpu() if loss_reporter and reports \
                 else torch.zeros(2)
             s = step_fn.stats
             totals = torch.cat([loss_pair.double().cpu(), torch.tensor([s.tokens, s.lm_flops, s.vit_flops],
                                                                        dtype=torch.float64)])
-            waits = torch.tensor([s.data_wait], dtype=torch.float64)
+            waits = torch.tensor([s.data_wait, _max_memory_gib()], dtype=torch.float64)
             _all_reduce(totals, dist.ReduceOp.SUM)
             _all_reduce(waits, dist.ReduceOp.MAX)
             loss = (totals[0] / totals[1].clamp_min(1)).item()
@@ -155,7 +155,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
             result.losses[state.step] = loss
             result.step = state.step
             window.add(loss, grad_norm, totals[2].item(), totals[3].item(), totals[4].item(), waits[0].item(),
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, waits[1].item())
             log.advance(state.step, loss)
             if state.step % cfg.logging.interval == 0 or state.step == end:
                 log.log(state.step, window.metrics(lr, world_size, peak))
@@ -201,8 +201,9 @@ class _Window:
     def __init__(self):
         self.n, self.loss, self.grad, self.tokens, self.lm, self.vit, self.wait, self.time = 0, 0.0, 0.0, 0.0, \
             0.0, 0.0, 0.0, 0.0
+        self.mem = 0.0
 
-    def add(self, loss, grad_norm, tokens, lm_flops, vit_flops, wait, seconds):
+    def add(self, loss, grad_norm, tokens, lm_flops, vit_flops, wait, seconds, mem_gib):
         self.n += 1
         self.loss += loss
         self.grad += float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else 0.0
@@ -211,6 +212,7 @@ class _Window:
         self.vit += vit_flops
         self.wait += wait
         self.time += seconds
+        self.mem = max(self.mem, mem_gib)
 
     def metrics(self, lr: float, world_size: int, peak: float | None) -> dict:
         t = max(self.time, 1e-9)
@@ -219,12 +221,13 @@ class _Window:
         return {
             "loss": self.loss / self.n, "lr": lr, "grad_norm": self.grad / self.n, "tokens_per_s": self.tokens / t,
             "tflops_per_gpu": tflops, "vit_tflops_per_gpu": vit,
-            "mfu": (tflops + vit) / peak if peak else None, "max_mem_gib": _max_memory_gib(),
+            "mfu": tflops / peak if peak else None, "vit_mfu": vit / peak if peak else None, "max_mem_gib": self.mem,
             "data_wait": self.wait / t,
         }
 
 
 def _max_memory_gib() -> float:
+    """Peak memory of this rank: CUDA allocations on GPU, the process' max RSS on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
