@@ -1,4 +1,5 @@
-"""The loop learns: the tiny Qwen2.5-VL overfits two fixed visual-needle samples (answer loss < 10% of initial)."""
+"""The loop learns: the tiny Qwen2.5-VL overfits two fixed visual-needle samples (answer loss < 10% of initial);
+weight decay applies to matrices only (not norms, not biases)."""
 
 import pytest
 
@@ -19,3 +20,10 @@ def test_tiny_model_overfits_a_small_fixed_set(tmp_path):
     first, last = r["losses"][1], r["losses"][STEPS]
     assert first > 5.0  # ~ln(512): the answer is not known at the start
     assert last < 0.1 * first, (first, last)
+    # weight decay on matrices only: never on norms or biases
+    wd = r["weight_decay"]
+    assert len(wd) == len(r["weights"])
+    for name, mult in wd.items():
+        is_matrix = r["weights"][name].dim() >= 2
+        assert mult == (1.0 if is_matrix else 0.0), (name, mult)
+        assert is_matrix or name.endswith(".bias") or "norm" in name, name

@@ -67,7 +67,18 @@ def run_training(args: list[str], max_steps: int | None = None, env: dict | None
 
     result = train(load_config(None, args), max_steps=max_steps)
     return {"losses": result.losses, "step": result.step, "weights": gather_full_weights(result.model),
-            "checkpoint": result.checkpoint, "stopped": result.stopped_by_signal}
+            "checkpoint": result.checkpoint, "stopped": result.stopped_by_signal,
+            "weight_decay": weight_decay_by_param(result)}
+
+
+def weight_decay_by_param(result) -> dict[str, float]:
+    """name → weight-decay multiplier in the optimizer's param groups (megatron's grouping of our model)."""
+    from megatron.core.optimizer import _get_param_groups
+
+    opt = result.optimizer.chained_optimizers[0]
+    names = {id(p): n for n, p in result.model.named_parameters()}
+    groups = _get_param_groups([result.model], opt.config, None)
+    return {names[id(p)]: g["wd_mult"] for g in groups for p in g["params"]}
 
 
 def merged_weights(per_rank: list[dict]) -> dict:
