@@ -18,8 +18,10 @@ CU_VIT = [0, 64, 128, 512]
 def _shape_dict(preset: str = "tiny"):
     from megatron_mmpl.models.qwen25vl.presets import preset_dict
 
-    if preset != "tiny":
-        return preset_dict(preset)
+    if preset != "tiny":  # one LM layer: the "full" measurement runs a whole TransformerBlock
+        raw = preset_dict(preset)
+        raw["num_hidden_layers"] = 1
+        return raw
     raw = preset_dict("tiny")
     raw["text_config"].update(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
                               num_hidden_layers=1)
