@@ -31,7 +31,7 @@ def load_hf_dict(spec: str) -> dict:
 
 
 def resolve_hf_config(model_cfg):
-    """A `Qwen2_5_VLConfig` for `model_cfg` (a ModelConfig), with rope_theta applied when overridden."""
+    """A `Qwen2_5_VLConfig` for `model_cfg` (a ModelConfig), with rope_theta / rope_scaling applied when set."""
     from transformers import Qwen2_5_VLConfig
 
     raw = apply_overrides(load_hf_dict(model_cfg.hf_config), model_cfg.hf_overrides)
@@ -39,11 +39,20 @@ def resolve_hf_config(model_cfg):
         raise ConfigError(f"model.hf_config={model_cfg.hf_config!r} has model_type={raw['model_type']!r}; "
                           "only qwen2_5_vl is supported")
     hf = Qwen2_5_VLConfig(**raw)
-    if model_cfg.rope_theta is not None:
+    if model_cfg.rope_theta is not None or model_cfg.rope_scaling:
         text = hf.get_text_config()
         params = dict(getattr(text, "rope_parameters", None) or {})
-        params["rope_theta"] = float(model_cfg.rope_theta)
+        if model_cfg.rope_theta is not None:
+            params["rope_theta"] = float(model_cfg.rope_theta)
+        if model_cfg.rope_scaling:
+            params.update(model_cfg.rope_scaling)
         text.rope_parameters = params
+        from megatron_mmpl.models.qwen25vl.configs import rope_scaling
+
+        try:
+            rope_scaling(hf)
+        except ValueError as e:
+            raise ConfigError(f"model.rope_scaling={model_cfg.rope_scaling!r}: {e}") from None
     return hf
 
 

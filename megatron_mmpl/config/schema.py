@@ -37,8 +37,11 @@ class ModelConfig:
     """Core attention: auto | sdpa | flex | te (auto: sdpa per packed segment, flex for many short segments)."""
     rope_theta: float | None = None
     """Override the LM's RoPE base (null: keep the checkpoint's, 1e6 for Qwen2.5-VL)."""
-    rope_interpolation_factor: float | None = None
-    """Linear position interpolation for the LM's RoPE: positions are divided by this (null: off)."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE length extension for the LM, in Hugging Face keys, written into the model's HF config (so exports and
+    transformers agree): {rope_type: yarn, factor: 4, original_max_position_embeddings: 32768} (YaRN: low
+    frequencies interpolated, high kept, attention scaled by 0.1·ln(factor)+1) or {rope_type: linear, factor: f}
+    (positions ÷ f). null: the checkpoint's own (plain M-RoPE for Qwen2.5-VL)."""
 
 
 @dataclass

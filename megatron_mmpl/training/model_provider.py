@@ -33,10 +33,6 @@ def build_model_chunk(cfg: Config, hf) -> torch.nn.Module:
         attention_backend=None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend,
         overrides=transformer_overrides(cfg),
     )
-    factor = cfg.model.rope_interpolation_factor
-    rope = getattr(module.language_model, "rotary_pos_emb", None)
-    if factor is not None and rope is not None:
-        rope.seq_len_interpolation_factor = factor  # megatron divides the positions by it
     if torch.cuda.is_available():
         module.cuda(torch.cuda.current_device())
     return module

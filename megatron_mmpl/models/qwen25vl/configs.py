@@ -51,7 +51,9 @@ def text_config(hf_config):
 
 
 def rope_settings(hf_config) -> tuple[float, list[int]]:
-    """(rope_theta, mrope_section) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling`."""
+    """(rope_theta, mrope_section) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling`.
+
+    Length-extension scaling (linear / YaRN) is read separately by `rope_scaling`."""
     tc = text_config(hf_config)
     params = dict(getattr(tc, "rope_parameters", None) or {})
     scaling = dict(getattr(tc, "rope_scaling", None) or getattr(hf_config, "rope_scaling", None) or {})
@@ -59,10 +61,25 @@ def rope_settings(hf_config) -> tuple[float, list[int]]:
     if theta is None:
         raise ValueError("the HF config has no rope_theta (neither rope_parameters.rope_theta nor rope_theta)")
     section = params.get("mrope_section", scaling.get("mrope_section", DEFAULT_MROPE_SECTION))
-    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type not in ("default", "mrope"):
-        raise ValueError(f"rope_type={rope_type!r} is not supported (only default M-RoPE); drop the rope scaling")
+    rope_scaling(hf_config)  # refuses unsupported types early
     return float(theta), [int(x) for x in section]
+
+
+def rope_scaling(hf_config) -> dict | None:
+    """The LM's RoPE length-extension settings (HF keys: rope_type linear|yarn, factor, ...), or None for plain
+    M-RoPE. Applied by the model through attention/rope_scaling.py, as transformers applies them."""
+    tc = text_config(hf_config)
+    params = dict(getattr(tc, "rope_parameters", None) or {})
+    scaling = dict(getattr(tc, "rope_scaling", None) or getattr(hf_config, "rope_scaling", None) or {})
+    src = params if "rope_type" in params else scaling
+    rope_type = src.get("rope_type", src.get("type", "default"))
+    if rope_type in ("default", "mrope"):
+        return None
+    if rope_type not in ("linear", "yarn"):
+        raise ValueError(f"rope_type={rope_type!r} is not supported; use default, linear or yarn")
+    out = {k: v for k, v in src.items() if k not in ("mrope_section", "rope_theta", "type")}
+    out["rope_type"] = rope_type  # legacy configs also carry type="mrope" beside rope_type
+    return out
 
 
 def tie_embeddings(hf_config) -> bool:
@@ -219,9 +236,16 @@ def megatron_configs(
         raise ValueError(f"vision fullatt_block_indexes {bad_full} are outside the {vc.depth} blocks")
     if vc.out_hidden_size != tc.hidden_size:
         raise ValueError(f"vision out_hidden_size={vc.out_hidden_size} must equal the LM hidden_size={tc.hidden_size}")
+    extra = {}
+    scaling = rope_scaling(hf_config)
+    if scaling is not None:  # inverse frequencies swapped in after the build; YaRN's factor via softmax_scale
+        from megatron_mmpl.attention.rope_scaling import mrope_inv_freq, set_rope_softmax_scale
+
+        extra["rope_inv_freq"], attn_factor = mrope_inv_freq(head_dim, theta, scaling)
+        set_rope_softmax_scale(language, attn_factor)
     return Qwen25VLConfigs(
         language=language, vision=vision, projector=projector, vision_dims=dims, vocab_size=tc.vocab_size,
         rotary_base=theta, mrope_section=list(mrope), tie_embeddings=tie_embeddings(hf_config),
         max_position_embeddings=getattr(tc, "max_position_embeddings", 32768),
-        image_token_id=int(hf_config.image_token_id), video_token_id=int(hf_config.video_token_id),
+        image_token_id=int(hf_config.image_token_id), video_token_id=int(hf_config.video_token_id), extra=extra,
     )

@@ -48,6 +48,10 @@ class Qwen25VLModel(MegatronModule):
             share_embeddings_and_output_weights=cfgs.tie_embeddings, position_embedding_type="mrope",
             rotary_base=cfgs.rotary_base, scatter_embedding_sequence_parallel=False, vp_stage=vp_stage,
         )
+        if "rope_inv_freq" in cfgs.extra:  # linear / YaRN length extension (configs.rope_scaling)
+            from megatron_mmpl.attention.rope_scaling import apply_inv_freq
+
+            apply_inv_freq(self.language_model, cfgs.extra["rope_inv_freq"])
         if cfgs.language.context_parallel_size > 1:
             from megatron_mmpl.attention.specs import use_per_token_mrope_under_cp
 
