@@ -84,6 +84,16 @@ class DataConfig:
     """Loader worker processes per rank (0: load in the training process)."""
     seed: int = 1234
     """Seed of the sample mixture/shuffle (independent of model init)."""
+    pack_buffer: int = 16
+    """Samples held (per loader worker) for first-fit-decreasing packing; more packs tighter, costs memory."""
+    pad_to_max_len: bool = False
+    """Fill every packed row to max_seq_len with a padding segment (static shapes, e.g. for CUDA graphs)."""
+    skip_long: bool = True
+    """A sample longer than max_seq_len is skipped and counted (false: stop with an error)."""
+    max_consecutive_failures: int = 8
+    """Abort after this many undecodable samples in a row (corrupt shards); single failures are skipped."""
+    prefetch_factor: int = 2
+    """Batches prefetched per loader worker."""
 
 
 @dataclass
