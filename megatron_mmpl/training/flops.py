@@ -1,6 +1,7 @@
 """Training FLOPs on real tokens (causal, packed), for TFLOP/s and MFU; the ViT is counted separately.
 
-LM, per token: 6·N_nonembed + 6·h·V (output layer) plus attention 6·L·(heads·head_dim)·S_eff, where for a pack
+LM, per token: 6·N_nonembed, plus 6·h·V per token that runs the output layer (the training loss runs it only at
+supervised positions, models/qwen25vl/language_model.py), plus attention 6·L·(heads·head_dim)·S_eff, where for a pack
 S_eff = Σ s_i² / S_pack over its real segments — i.e. the pack's attention costs 6·L·d_attn·Σ s_i².
 ViT: 6·N_vit per patch plus non-causal attention 12·d·u² per attention unit (a window or a whole image).
 """
@@ -58,10 +59,13 @@ class FlopModel:
         merger = (merged * merged + merged * self.vit_out) / self.merge**2  # per patch
         return blocks + merger
 
-    def lm_flops(self, segment_lengths: list[int]) -> float:
-        """Training FLOPs of one packed row with these real segment lengths (padding excluded)."""
+    def lm_flops(self, segment_lengths: list[int], head_tokens: int | None = None) -> float:
+        """Training FLOPs of one packed row with these real segment lengths (padding excluded).
+
+        head_tokens: positions that run the output layer (our loss skips unsupervised ones; default: all)."""
         tokens = sum(segment_lengths)
-        dense = (6 * self.lm_nonembed_params + 6 * self.hidden * self.vocab) * tokens
+        head_tokens = tokens if head_tokens is None else head_tokens
+        dense = 6 * self.lm_nonembed_params * tokens + 6 * self.hidden * self.vocab * head_tokens
         attn = 6 * self.layers * self.attn_dim * sum(s * s for s in segment_lengths)
         return float(dense + attn)
 

@@ -77,7 +77,10 @@ class ForwardStep:
     def _count(self, batch) -> None:
         segs = _segment_lengths(batch["cu_seqlens"])
         self.stats.tokens += sum(segs)
-        self.stats.lm_flops += self.flops.lm_flops(segs)
+        # the loss runs the output layer at supervised positions only, except under sequence parallelism
+        sp = getattr(self.module.config, "sequence_parallel", False)
+        head = None if sp else int((batch["labels"] >= 0).sum())
+        self.stats.lm_flops += self.flops.lm_flops(segs, head_tokens=head)
         for key in ("image_grid_thw", "video_grid_thw"):
             if batch.get(key) is not None:
                 self.stats.vit_flops += self.flops.vit_flops(batch[key].tolist())

@@ -29,6 +29,8 @@ def test_flops_count_7b_matmuls_and_packed_attention():
     two = f.lm_flops([8192, 8192])
     assert two == pytest.approx(dense * 16384 + 6 * 28 * 3584 * 2 * 8192**2)
     assert f.lm_flops([16384]) - two == pytest.approx(6 * 28 * 3584 * (16384**2 - 2 * 8192**2))
+    # the output layer only runs at supervised positions (e.g. 64 answer tokens)
+    assert two - f.lm_flops([8192, 8192], head_tokens=64) == pytest.approx(6 * 3584 * 152064 * (16384 - 64))
     one_page, two_pages = f.vit_flops([[1, 36, 26]]), f.vit_flops([[1, 36, 26], [1, 36, 26]])
     assert one_page > 0 and two_pages == pytest.approx(2 * one_page)
 
