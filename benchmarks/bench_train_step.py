@@ -127,7 +127,9 @@ def main(argv=None) -> None:
         rows = {}
         for name, fn, segs in (("transformers", peer, 1), ("megatron_mmpl", ours, args.segments)):
             seg = s // segs
-            flops = fm.lm_flops([seg] * (segs - 1) + [s - seg * (segs - 1)])
+            # ours runs the output layer at supervised positions only; transformers at every position
+            head = args.answer_tokens * segs if (name == "megatron_mmpl" and args.answer_tokens) else None
+            flops = fm.lm_flops([seg] * (segs - 1) + [s - seg * (segs - 1)], head_tokens=head)
             try:
                 sec, mem = fn(cfg, s, segs, args.warmup, args.iters, args.answer_tokens)
             except torch.OutOfMemoryError:
