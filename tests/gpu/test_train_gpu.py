@@ -54,7 +54,7 @@ def test_bf16_distributed_optimizer_learns_and_resumes(tmp_path):
     ckpts = tmp_path / "split" / "checkpoints"
     import shutil
 
-    shutil.rmtree(ckpts / f"iter_{half + 1:07d}")
+    shutil.rmtree(ckpts / f"iter_{half + 1:07d}", ignore_errors=True)  # if the stop at N+1 saved one
     (ckpts / "latest_checkpointed_iteration.txt").write_text(str(half))
     (second,) = run_distributed(_train_gpu, 1, split)
     assert sorted(second["losses"]) == list(range(half + 1, steps + 1))
