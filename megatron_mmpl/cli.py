@@ -1,7 +1,7 @@
-"""`mmpl` — one entry point: data, train, convert, eval, plan, bench.
+"""`mmpl` — one entry point: data, train, convert, eval, plan (benchmarks are scripts in benchmarks/).
 
-Each subcommand lives in its package as `<package>/commands.py` with `register(subparsers)`; a module is only
-imported when present, so the CLI works while pieces are being built, and heavy imports stay inside handlers.
+Each subcommand lives in its package as `<package>/commands.py` with `register(subparsers)`; heavy imports stay
+inside the handlers, so `mmpl --help` is quick.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ SUBCOMMANDS = {
     "convert": "megatron_mmpl.conversion.commands",
     "eval": "megatron_mmpl.eval.commands",
     "plan": "megatron_mmpl.config.plan_command",
-    "bench": "megatron_mmpl.attention.bench_command",
 }
 
 
@@ -24,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS.values():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(sub)
+        importlib.import_module(module).register(sub)
     return parser
 
 
