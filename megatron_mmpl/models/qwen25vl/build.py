@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import torch
 
@@ -62,39 +63,15 @@ def full_name(model: Qwen25VLModel, local_name: str) -> str:
     return local_name
 
 
-def _gated(name: str) -> bool:
-    """Gated MLPs hold linear_fc1 as [gate; up] (each TP rank [gate_r; up_r]); the merger's MLP is not gated."""
-    return ".mlp.linear_fc1." in name
-
-
 def load_full_weights(model: Qwen25VLModel, full: dict[str, torch.Tensor]) -> None:
     """Copy a full (TP=1, PP=1) MCore state dict into this rank's part, in place."""
-    from megatron.core import parallel_state as ps
+    from megatron_mmpl.parallel.tensor_shards import load_full_state_dict
 
-    from megatron_mmpl.parallel.tensor_shards import shard_for_rank, tp_partition_dim
-
-    rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    params = dict(model.named_parameters())
-    missing = [n for n in params if full_name(model, n) not in full]
-    if missing:
-        raise KeyError(f"the full state dict lacks {len(missing)} tensor(s) this rank needs: {missing[:10]}")
-    with torch.no_grad():
-        for n, p in params.items():
-            src = full[full_name(model, n)]
-            p.copy_(shard_for_rank(n, src, tp_partition_dim(p), rank, tp, gated=_gated(n)))
+    load_full_state_dict(model, full, rename=partial(full_name, model))
 
 
 def gather_full_weights(model: Qwen25VLModel, grads: bool = False) -> dict[str, torch.Tensor]:
     """This stage's parameters (or gradients) as full TP=1 tensors under full-model names (every TP rank)."""
-    from megatron.core import parallel_state as ps
+    from megatron_mmpl.parallel.tensor_shards import gather_full_state_dict
 
-    from megatron_mmpl.parallel.tensor_shards import gather_full, tp_partition_dim
-
-    group = ps.get_tensor_model_parallel_group()
-    out = {}
-    for n, p in model.named_parameters():
-        t = p.grad if grads else p.detach()
-        if t is None:
-            continue
-        out[full_name(model, n)] = gather_full(n, t, tp_partition_dim(p), group, gated=_gated(n))
-    return out
+    return gather_full_state_dict(model, grads=grads, rename=partial(full_name, model))
