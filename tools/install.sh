@@ -11,12 +11,21 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "[install] creating $venv with $(python3 --version)"
   python3 -m venv "$venv"
 fi
-# Reinstall when setup.cfg changed since the last install.
-want="$(sha1sum "$root/setup.cfg" | cut -c1-40)-${MMPL_TORCH_SPEC:-torch==2.13.0}-${MMPL_EXTRAS:-dev}"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[install] installing megatron_mmpl[${MMPL_EXTRAS:-dev}] with ${MMPL_TORCH_SPEC:-torch==2.13.0}"
+# Reinstall when setup.cfg or the torch choice changed since the last install, or when extras are asked for
+# that the last install did not include (the stamp holds: setup.cfg hash, torch spec, installed extras).
+extras="${MMPL_EXTRAS:-dev}"
+key="$(sha1sum "$root/setup.cfg" | cut -c1-40) ${MMPL_TORCH_SPEC:-torch==2.13.0}"
+have_key="" have_extras=""
+[ -f "$stamp" ] && read -r have_hash have_torch have_extras < "$stamp" && have_key="$have_hash $have_torch"
+missing=""
+for e in ${extras//,/ }; do
+  case ",$have_extras," in *",$e,"*) ;; *) missing="$missing $e" ;; esac
+done
+if [ "$have_key" != "$key" ] || [ -n "$missing" ]; then
+  [ "$have_key" = "$key" ] && extras="$(printf '%s\n' ${have_extras//,/ } ${extras//,/ } | awk '!seen[$0]++' | paste -sd,)"
+  echo "[install] installing megatron_mmpl[$extras] with ${MMPL_TORCH_SPEC:-torch==2.13.0}"
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q "${MMPL_TORCH_SPEC:-torch==2.13.0}"
-  "$venv/bin/python" -m pip install -q -e "$root[${MMPL_EXTRAS:-dev}]" "${MMPL_TORCH_SPEC:-torch==2.13.0}"
-  echo "$want" > "$stamp"
+  "$venv/bin/python" -m pip install -q -e "$root[$extras]" "${MMPL_TORCH_SPEC:-torch==2.13.0}"
+  echo "$key $extras" > "$stamp"
 fi
