@@ -69,3 +69,32 @@ def test_built_sample_lengths_are_exact(tmp_path):
             assert s.meta["target_tokens"] - n < 200  # filled to the target (crop fill)
             assert all(s.meta["sources"][e].startswith(s.meta["doc_id"]) for e in s.evidence_pages)
             assert sum(src.startswith(s.meta["doc_id"] + ":") for src in s.meta["sources"]) == len(s.evidence_pages)
+
+
+def test_build_from_pdf_pages(tmp_path):
+    """A manifest naming a PDF + page range: pages rendered with pypdfium2 at 144 dpi, built like image pages."""
+    pytest.importorskip("pypdfium2")
+    from PIL import Image
+
+    from megatron_mmpl.data.build import load_manifest, write_build, write_synth_manifest
+    from megatron_mmpl.data.images import ImageProcessor
+    from megatron_mmpl.data.shards import load_index
+    from megatron_mmpl.data.tokenizer import build_tiny_tokenizer
+
+    manifest = write_synth_manifest(tmp_path / "docs", n_docs=3, pages_per_doc=5, page_px=(112, 140))
+    lines = []
+    for line in manifest.read_text().splitlines():
+        d = json.loads(line)
+        pages = [Image.open(tmp_path / "docs" / p).convert("RGB") for p in d.pop("pages")]
+        pdf = tmp_path / "docs" / f"{d['doc_id']}.pdf"
+        pages[0].save(pdf, save_all=True, append_images=pages[1:], resolution=72.0)  # 1 px = 1 pt
+        lines.append(json.dumps({**d, "pdf": pdf.name, "page_range": [1, 5]}))
+    pdf_manifest = tmp_path / "docs" / "pdf_manifest.jsonl"
+    pdf_manifest.write_text("\n".join(lines) + "\n")
+    docs = load_manifest(pdf_manifest)
+    page = docs["doc0"]["pages"][0]
+    assert page.source.startswith("pdf:") and (page.width, page.height) == (224, 280)  # 144 dpi = 2 px per pt
+    write_build(pdf_manifest, tmp_path / "out", targets=[1000], tokenizer=build_tiny_tokenizer(),
+                tokenizer_name="tiny", improc=ImageProcessor(), bucket_edges=[1024])
+    index = load_index(tmp_path / "out")
+    assert sum(sh["samples"] for sh in index["shards"]) > 0
