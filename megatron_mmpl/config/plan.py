@@ -5,8 +5,9 @@ optimizer (fp32 master + Adam moments sharded over dp·cp); megatron's local lay
 packed segment, never an s×s matrix; under CP it all-gathers K/V), whose saved activations are counted tensor
 by tensor (`layer_activation_bytes`, checked against a real layer); megatron recompute (`model.recompute`,
 applied to the LM and the ViT); the ViT + merger on pipeline stage 0 with the micro-batch's images split over
-the CP ranks (parallel/context_parallel.py); a 1F1B pipeline schedule; logits + cross entropy over every token
-of the row on the last stage. Pure Python."""
+the CP ranks (parallel/context_parallel.py); a 1F1B pipeline schedule; on the last stage the training loss's
+logits, which exist for one chunk of `LanguageModel.loss_chunk_tokens` positions at a time
+(models/qwen25vl/language_model.py). Pure Python."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from megatron_mmpl.config.load import ConfigError
 from megatron_mmpl.config.schema import Config
 from megatron_mmpl.config.validate import train_steps, validate_config, validate_layout, warmup_steps
 
+# Positions per chunk of the training loss (models/qwen25vl/language_model.py: LanguageModel.loss_chunk_tokens);
+# a literal here keeps the planner free of torch/megatron imports. tests/unit/launch checks they agree.
+LOSS_CHUNK_TOKENS = 4096
 GiB = 1024**3
 # Held back from the card's memory: CUDA context, NCCL and cuBLAS/cuDNN workspaces (GiB) ...
 RESERVED_GIB = 4.0
@@ -288,7 +292,8 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelShape | N
     (fp32 master + Adam m, v: 12 bytes, 8 in fp32 runs) sharded over dp·cp; stored activations × in-flight
     micro-batches (1F1B: stage i holds min(pp − i, micro-batches) forwards); on stage 0 the ViT, merger and the
     full micro-batch's pixel rows (fp32); a transient working set (backward of one recompute chunk plus one
-    layer of gradient temporaries); on the last stage the logits (activation + fp32 copy kept by cross entropy).
+    layer of gradient temporaries); on the last stage one loss chunk's logits (activation + fp32 copy kept by cross
+    entropy; the loss runs the output layer LOSS_CHUNK_TOKENS positions at a time).
     Raises PlanError for a layout that cannot start.
     """
     m = shape or load_shape(cfg.model.hf_config)
@@ -359,8 +364,8 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelShape | N
             st.terms["pixels"] = 4 * m.patch_dim * patches * (in_flight if vit_trains else 1)
             transient = max(transient, (vit_rebuilt + 1) * v_none * patches_local)
         st.terms["transient"] = transient
-        if last:
-            st.terms["logits"] = (elem + 4) * m.vocab / tp * local
+        if last:  # one loss chunk's logits (+ the fp32 copy cross entropy keeps), recomputed in the backward
+            st.terms["logits"] = (elem + 4) * m.vocab / tp * min(local, LOSS_CHUNK_TOKENS)
         stages.append(st)
 
     steps = train_steps(cfg)
