@@ -9,7 +9,6 @@ transformers model built on the meta device from one of our presets, so they are
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -26,9 +25,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from safetensors.torch import save_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from megatron_mmpl.conversion.safetensors_shards import write_sharded_safetensors
     from megatron_mmpl.models.qwen25vl import presets
 
     cfg = presets.hf_config_from_preset(args.preset)
@@ -41,36 +40,19 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(args.seed)
-    dtype, limit = DTYPES[args.dtype], int(args.shard_gb * 2**30)
-    shard, size, files, weight_map = {}, 0, [], {}
+    dtype = DTYPES[args.dtype]
 
-    def flush():
-        nonlocal shard, size
-        if shard:
-            name = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(shard, out / name, metadata={"format": "pt"})
-            files.append(name)
-            weight_map.update({k: name for k in shard})
-            shard, size = {}, 0
+    def tensors():
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight") or ".ln_q." in name:
+                yield name, torch.ones(shape, dtype=dtype)
+            else:
+                yield name, (torch.randn(shape, generator=gen) * 0.02).to(dtype)
 
-    for name, shape in shapes.items():
-        t = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
-        if name.endswith("norm.weight") or ".ln_q." in name:
-            t = torch.ones(shape, dtype=dtype)
-        shard[name] = t
-        size += t.numel() * t.element_size()
-        if size >= limit:
-            flush()
-    flush()
-    total = sum((out / f).stat().st_size for f in files)
-    n = len(files)
-    final = {f: f.replace(".safetensors", f"-of-{n:05d}.safetensors") for f in files}
-    for f, g in final.items():
-        (out / f).rename(out / g)
-    index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    written = write_sharded_safetensors(tensors(), out, int(args.shard_gb * 2**30))
     cfg.save_pretrained(out)
-    print(f"wrote {len(shapes)} tensors, {total / 2**30:.2f} GiB in {n} shard(s) to {out}")
+    print(f"wrote {written['tensors']} tensors, {written['bytes'] / 2**30:.2f} GiB in {written['shards']} shard(s) "
+          f"to {out}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 from megatron_mmpl.conversion.atomic_dir import atomic_directory, check_target
 from megatron_mmpl.conversion.hf_checkpoint import SIDE_FILES
 from megatron_mmpl.conversion.import_hf import HF_DIR, build_single_process_model, parse_dtype
+from megatron_mmpl.conversion.safetensors_shards import write_sharded_safetensors
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -66,7 +67,6 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config_path: str | None = None, 
     transformers' save_pretrained use) or 'hf' (`model.language_model.*`); default: the converted source's.
     """
     from megatron.core import dist_checkpointing
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from megatron_mmpl.conversion import mapping
@@ -84,37 +84,16 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config_path: str | None = None, 
     conv = ckpt / "mmpl" / "conversion.json"
     naming = naming or (json.loads(conv.read_text()).get("naming") if conv.is_file() else None) or "original"
     stream = mapping.mcore_to_hf(params, hf_config, naming=naming)
-    limit, shard, size, files, weight_map, total, count = int(shard_gb * 2**30), {}, 0, [], {}, 0, 0
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-
-        def flush():
-            nonlocal shard, size
-            if shard:
-                name = f"model-{len(files) + 1:05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
-                files.append(name)
-                weight_map.update(dict.fromkeys(shard, name))
-                shard, size = {}, 0
-
-        n_hf = len(mapping.plan(hf_config))
-        for name, t in tqdm(stream, total=n_hf, desc="mcore→hf", unit="tensor", disable=not progress):
-            t = t.to(target).contiguous()
-            shard[name] = t
-            size += t.numel() * t.element_size()
-            total += t.numel() * t.element_size()
-            count += 1
-            if size >= limit:
-                flush()
-        flush()
-        final = {f: f.replace(".safetensors", f"-of-{len(files):05d}.safetensors") for f in files}
-        for f, g in final.items():
-            (tmp / f).rename(tmp / g)
-        index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        n_hf = sum(len(e.hf) for e in mapping.plan(hf_config, naming))
+        tensors = ((name, t.to(target)) for name, t in stream)
+        written = write_sharded_safetensors(
+            tqdm(tensors, total=n_hf, desc="mcore→hf", unit="tensor", disable=not progress), tmp,
+            int(shard_gb * 2**30))
         hf_config.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(target, "float32")
         hf_config.save_pretrained(tmp)
         _write_side_files(tmp, side_dir, hf_config, tokenizer)
-    return {"checkpoint": str(ckpt), "tensors": count, "bytes": total, "shards": len(files), "out": str(out_dir)}
+    return {"checkpoint": str(ckpt), **written, "out": str(out_dir)}
 
 
 def _dtype_of(hf_config) -> torch.dtype:
