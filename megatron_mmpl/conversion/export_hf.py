@@ -1,7 +1,8 @@
 """Megatron-Core → HF: any dist checkpoint written by training (any TP/PP) or by `hf-to-mcore` → a directory that
 `Qwen2_5_VLForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained` load.
 
-The model is rebuilt at TP1/PP1 in one process; dist_checkpointing reshards whatever layout was saved.
+One process reads the checkpoint a layer at a time into the TP1/PP1 layout (conversion/dist_layout.py);
+torch DCP reassembles each chunk from whatever layout was saved. Memory: one layer plus one output shard (--shard-gb).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from megatron_mmpl.conversion.atomic_dir import atomic_directory, check_target
 from megatron_mmpl.conversion.hf_checkpoint import SIDE_FILES
-from megatron_mmpl.conversion.import_hf import HF_DIR, build_single_process_model, parse_dtype
+from megatron_mmpl.conversion.import_hf import HF_DIR, parse_dtype
 from megatron_mmpl.conversion.safetensors_shards import write_sharded_safetensors
 
 
@@ -66,24 +67,20 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config_path: str | None = None, 
     naming: tensor names to write — 'original' (`model.*`/`visual.*`, what the released checkpoints and
     transformers' save_pretrained use) or 'hf' (`model.language_model.*`); default: the converted source's.
     """
-    from megatron.core import dist_checkpointing
     from tqdm import tqdm
 
-    from megatron_mmpl.conversion import mapping
+    from megatron_mmpl.conversion import dist_layout, mapping
 
     check_target(out_dir, overwrite)
     ckpt = resolve_checkpoint(ckpt_dir)
     hf_config, side_dir, run = model_source(ckpt, hf_config_path)
     tokenizer = tokenizer or run.get("data", {}).get("tokenizer")
     target = parse_dtype(dtype) if dtype else _dtype_of(hf_config)
-    model = build_single_process_model(hf_config, target)
-    sharded = model.sharded_state_dict()
-    loaded = dist_checkpointing.load({"model": sharded}, str(ckpt), strict="assume_ok_unexpected")
-    model.load_state_dict(loaded["model"], strict=True)
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    sharded, params = dist_layout.meta_layout(hf_config, target)
+    reader = dist_layout.GroupReader(ckpt, sharded, params)
     conv = ckpt / "mmpl" / "conversion.json"
     naming = naming or (json.loads(conv.read_text()).get("naming") if conv.is_file() else None) or "original"
-    stream = mapping.mcore_to_hf(params, hf_config, naming=naming)
+    stream = mapping.mcore_to_hf(reader.get, hf_config, names=reader.names, naming=naming)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         n_hf = sum(len(e.hf) for e in mapping.plan(hf_config, naming))
         tensors = ((name, t.to(target)) for name, t in stream)

@@ -1,5 +1,7 @@
 """HF → Megatron-Core: stream an HF Qwen2.5-VL checkpoint into a TP1/PP1 torch_dist dist checkpoint.
 
+Memory: one copy of the weights (see conversion/dist_layout.py); no model is built.
+
 Output layout (what `checkpoint.load=` and `mmpl convert mcore-to-hf|verify` read):
     <out>/metadata.json, common.pt, *.distcp   dist checkpoint of {"model": model.sharded_state_dict()}
     <out>/mmpl/hf/                             config.json + tokenizer/processor files (rebuilds model and processor)
@@ -39,24 +41,12 @@ def check_source_dtypes(ckpt: HFCheckpoint) -> str:
     return next(iter(dtypes))
 
 
-def build_single_process_model(hf_config, dtype: torch.dtype, initialize: bool = False):
-    """The full model at TP1/PP1 in this process (a 1-rank gloo/nccl group is created if none exists)."""
-    import torch.distributed as dist
-
-    from megatron_mmpl.models.qwen25vl.build import build_model
-    from megatron_mmpl.parallel.process_groups import initialize_parallel
-
-    if not dist.is_initialized():
-        initialize_parallel()
-    return build_model(hf_config, dtype=dtype, overrides={"perform_initialization": initialize})
-
-
 def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrite: bool = False, progress: bool = True) -> dict:
     """Convert; returns a summary dict. Writes nothing at `out_dir` unless the whole conversion succeeds."""
     from megatron.core import dist_checkpointing
     from tqdm import tqdm
 
-    from megatron_mmpl.conversion import mapping
+    from megatron_mmpl.conversion import dist_layout, mapping
 
     t0 = time.time()
     target = parse_dtype(dtype)
@@ -65,25 +55,19 @@ def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrite: bool 
     source_dtype = check_source_dtypes(ckpt)
     hf_config = ckpt.hf_config()
     stream = mapping.hf_to_mcore(ckpt, hf_config)  # checks coverage before reading any tensor
-    model = build_single_process_model(hf_config, target)
-    params = dict(model.named_parameters())
+    sharded, params = dist_layout.meta_layout(hf_config, target)
     expected = set(mapping.mcore_names(hf_config))
     if set(params) != expected:
         raise ValueError(
             f"model/mapping mismatch: parameters without a rule {sorted(set(params) - expected)}, "
             f"rules without a parameter {sorted(expected - set(params))}"
         )
-    filled = set()
-    with torch.no_grad():
-        for name, tensor in tqdm(stream, total=len(expected), desc="hf→mcore", unit="tensor", disable=not progress):
-            p = params[name]
-            if tuple(tensor.shape) != tuple(p.shape):
-                raise ValueError(f"{name}: converted shape {tuple(tensor.shape)} != model shape {tuple(p.shape)}")
-            p.copy_(tensor.to(target))
-            filled.add(name)
-            del tensor
+    filler = dist_layout.Filler(sharded, params)
+    for name, tensor in tqdm(stream, total=len(expected), desc="hf→mcore", unit="tensor", disable=not progress):
+        filler.fill(name, tensor)
+        del tensor
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+        dist_checkpointing.save({"model": filler.state_dict()}, str(tmp))
         hf_out = tmp / HF_DIR
         hf_out.mkdir(parents=True)
         hf_config.save_pretrained(hf_out)
@@ -93,7 +77,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrite: bool 
         summary = {
             "source": str(Path(hf_dir).resolve()), "source_dtype": str(source_dtype), "dtype": dtype,
             "naming": mapping.detect_naming(ckpt.names()),
-            "tensors": len(filled), "seconds": round(time.time() - t0, 1),
+            "tensors": len(filler.filled), "seconds": round(time.time() - t0, 1),
         }
         (tmp / "mmpl" / "conversion.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -143,16 +143,23 @@ def plan(hf_config, naming: str = "hf") -> list[Entry]:
         raise ValueError(f"naming={naming!r}; choose one of {', '.join(NAMING)}")
     d = _dims(hf_config)
     lm, vis = NAMING[naming]
-    out = []
-    for r in RULES:
+    out = []  # (tower, position, rule order) → layer-major: a layer's tensors are planned together
+    for k, r in enumerate(RULES):
         if r.mcore == "language_model.output_layer.weight" and d["tied"]:
             continue  # tied: the output layer reuses the input embedding
         vision = r.mcore.startswith("vision_model.")
-        count = (d["depth"] if vision else d["layers"]) if "{i}" in r.mcore else 1
-        for i in range(count):
+        count = d["depth"] if vision else d["layers"]
+        if "{i}" in r.mcore:
+            positions = range(count)
+        else:  # before or after its tower's layers, as listed in RULES
+            tower = r.mcore.split(".")[0]
+            first_layered = min(j for j, q in enumerate(RULES) if q.mcore.startswith(tower) and "{i}" in q.mcore)
+            positions = [-1 if k < first_layered else count]
+        for i in positions:
             fmt = dict(i=i, lm=lm, vis=vis)
-            out.append(Entry(r.mcore.format(**fmt), tuple(h.format(**fmt) for h in r.hf), r.transform))
-    return out
+            entry = Entry(r.mcore.format(**fmt), tuple(h.format(**fmt) for h in r.hf), r.transform)
+            out.append(((vision, i, k), entry))
+    return [e for _, e in sorted(out, key=lambda x: x[0])]
 
 
 def mcore_names(hf_config) -> list[str]:

@@ -89,6 +89,50 @@ def test_converted_checkpoint_matches_transformers_at_tp_pp(converted, tp, pp):
     assert r["argmax_agree"] == 1.0 and r["cosine"] > 0.999999, r
 
 
+def _resave(mc_dir, out_dir, hf_dir, tp, pp):
+    """One rank: load the converted checkpoint at (tp, pp) and save it again, as training does at that layout."""
+    from megatron.core import dist_checkpointing
+    from transformers import Qwen2_5_VLConfig
+
+    from megatron_mmpl.conversion.hf_checkpoint import HFCheckpoint
+    from megatron_mmpl.models.qwen25vl.build import build_model
+    from megatron_mmpl.parallel.process_groups import initialize_parallel
+    from megatron_mmpl.training.checkpoint import load_model_weights
+
+    initialize_parallel(tp=tp, pp=pp)
+    model = build_model(Qwen2_5_VLConfig(**HFCheckpoint(hf_dir).config_dict), dtype=torch.float32,
+                        overrides={"perform_initialization": False})
+    load_model_weights(mc_dir, model)
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, out_dir)
+
+
+def _export(mc_dir, out_dir, hf_dir, dtype):
+    from megatron_mmpl.conversion.export_hf import mcore_to_hf
+
+    return mcore_to_hf(mc_dir, out_dir, hf_config_path=hf_dir, dtype=dtype, tokenizer="none", naming="original",
+                       progress=False)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)])
+def test_export_of_a_checkpoint_saved_at_tp_pp_is_bit_exact(converted, tmp_path, tp, pp):
+    """mcore-to-hf reads any layout training saves: resaved at TP/PP, the export still equals the source HF
+    tensors exactly (fp32), and a bf16 export equals the source cast to bf16."""
+    d = converted["tiny"]
+    resaved = tmp_path / "resaved"
+    resaved.mkdir()
+    run_distributed(_resave, tp * pp, d["mc"], str(resaved), d["hf"], tp, pp)
+    writers = {os.path.basename(f).split("_")[2] for f in glob.glob(str(resaved / "__*_*.distcp"))}
+    assert writers == {str(r) for r in range(tp * pp)}, writers  # every rank wrote its own part
+    src = _tensors(d["hf"])
+    for dtype, cast in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        out = tmp_path / f"back-{dtype}"
+        run_distributed(_export, 1, str(resaved), str(out), d["hf"], dtype)
+        back = _tensors(out)
+        assert set(back) == set(src), set(back) ^ set(src)
+        bad = [k for k in src if back[k].dtype != cast or not torch.equal(back[k], src[k].to(cast))]
+        assert bad == [], bad
+
+
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "megatron_mmpl.cli", "convert", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=300)
@@ -146,6 +190,9 @@ def test_bad_inputs_give_one_clear_error_and_leave_nothing(converted, tmp_path):
     cases.append((["mcore-to-hf", "--ckpt", str(tmp_path / "nothing"), "--out", str(tmp_path / "o6")],
                   "does not exist"))
     cases.append((["hf-to-mcore", "--hf", src, "--out", str(tmp_path / "o7"), "--dtype", "int8"], "--dtype"))
+    # a checkpoint read as another model (shapes differ): refused during the export, nothing left behind
+    cases.append((["mcore-to-hf", "--ckpt", converted["tiny"]["mc"], "--hf-config", "qwen25vl-3b", "--out",
+                   str(tmp_path / "o8"), "--tokenizer", "none"], "holds another model"))
     for args, needle in cases:
         r = _cli(*args)
         err = r.stderr.strip().splitlines()
