@@ -4,6 +4,9 @@ The released models' fields are written here (nothing is downloaded); they are t
 Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct in their original (transformers 4.4x) layout: text fields at the top
 level, `rope_theta` + `rope_scaling.mrope_section`. The tiny configs use the transformers-5 layout
 (`text_config` / `vision_config` / `rope_parameters`), so both layouts are exercised.
+
+The ViT is the same architecture in every size, but its MLP width is not: 3420 in the 3B and 7B releases, 3456
+(the technical report's figure) in the 32B and 72B ones — which is why the large models can run the ViT at TP=8.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ _TOKENS = dict(
     vision_token_id=151654, image_token_id=151655, video_token_id=151656,
 )
 _VISION = dict(
-    depth=32, hidden_act="silu", hidden_size=1280, intermediate_size=3420, num_heads=16, in_chans=3,
+    depth=32, hidden_act="silu", hidden_size=1280, num_heads=16, in_chans=3,
     patch_size=14, spatial_merge_size=2, spatial_patch_size=14, window_size=112,
     fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, temporal_patch_size=2,
 )
 
 
-def _released(hidden, ffn, layers, heads, kv, vocab, tied) -> dict:
+def _released(hidden, ffn, layers, heads, kv, vocab, tied, vision_ffn) -> dict:
     return dict(
         architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl", attention_dropout=0.0,
         hidden_act="silu", hidden_size=hidden, initializer_range=0.02, intermediate_size=ffn,
@@ -30,7 +33,7 @@ def _released(hidden, ffn, layers, heads, kv, vocab, tied) -> dict:
         num_hidden_layers=layers, num_key_value_heads=kv, rms_norm_eps=1e-06, rope_theta=1000000.0,
         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, sliding_window=32768,
         tie_word_embeddings=tied, torch_dtype="bfloat16", use_cache=True, use_sliding_window=False,
-        vocab_size=vocab, vision_config={**_VISION, "out_hidden_size": hidden}, **_TOKENS,
+        vocab_size=vocab, vision_config={**_VISION, "intermediate_size": vision_ffn, "out_hidden_size": hidden}, **_TOKENS,
     )
 
 
@@ -63,10 +66,10 @@ def _tiny(tied: bool) -> dict:
 
 
 PRESETS: dict[str, dict] = {
-    "qwen25vl-3b": _released(2048, 11008, 36, 16, 2, 151936, tied=True),
-    "qwen25vl-7b": _released(3584, 18944, 28, 28, 4, 152064, tied=False),
-    "qwen25vl-32b": _released(5120, 27648, 64, 40, 8, 152064, tied=False),
-    "qwen25vl-72b": _released(8192, 29568, 80, 64, 8, 152064, tied=False),
+    "qwen25vl-3b": _released(2048, 11008, 36, 16, 2, 151936, tied=True, vision_ffn=3420),
+    "qwen25vl-7b": _released(3584, 18944, 28, 28, 4, 152064, tied=False, vision_ffn=3420),
+    "qwen25vl-32b": _released(5120, 27648, 64, 40, 8, 152064, tied=False, vision_ffn=3456),
+    "qwen25vl-72b": _released(8192, 29568, 80, 64, 8, 152064, tied=False, vision_ffn=3456),
     "tiny": _tiny(tied=False),
     "tiny-tied": _tiny(tied=True),
 }
