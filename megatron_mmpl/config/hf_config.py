@@ -56,6 +56,45 @@ def resolve_hf_config(model_cfg):
     return hf
 
 
+_TEXT_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "vocab_size")
+_VISION_SHAPE = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size",
+                 "temporal_patch_size", "spatial_merge_size")
+
+
+def shape_differences(a, b) -> list[str]:
+    """The weight-shape fields in which two Qwen2.5-VL configs differ, as 'field: a vs b'."""
+    from megatron_mmpl.models.qwen25vl.configs import text_config, tie_embeddings
+
+    out = []
+    for where, fields, x, y in (("", _TEXT_SHAPE, text_config(a), text_config(b)),
+                                ("vision_config.", _VISION_SHAPE, a.vision_config, b.vision_config)):
+        out += [f"{where}{f}: {getattr(x, f, None)} vs {getattr(y, f, None)}" for f in fields
+                if getattr(x, f, None) != getattr(y, f, None)]
+    if tie_embeddings(a) != tie_embeddings(b):
+        out.append(f"tie_word_embeddings: {tie_embeddings(a)} vs {tie_embeddings(b)}")
+    return out
+
+
+def check_matches_checkpoint(hf, model_cfg, load_path: str) -> None:
+    """A converted/exported checkpoint carries its model's config.json (mmpl/hf/); refuse a run whose
+    model.hf_config describes other weight shapes, before anything is built."""
+    from transformers import Qwen2_5_VLConfig
+
+    saved = os.path.join(load_path, "mmpl", "hf", "config.json")
+    if not os.path.isfile(saved):
+        return
+    with open(saved) as f:
+        theirs = Qwen2_5_VLConfig(**json.load(f))
+    diff = shape_differences(hf, theirs)
+    if diff:
+        raise ConfigError(
+            f"model.hf_config={model_cfg.hf_config!r} does not describe the checkpoint at checkpoint.load="
+            f"{load_path!r} (run config vs checkpoint: {'; '.join(diff)}); set model.hf_config: "
+            f"{os.path.dirname(saved)} to use the checkpoint's own config"
+        )
+
+
 def apply_overrides(raw: dict, overrides: dict) -> dict:
     """config.json dict with `model.hf_overrides` applied (see ModelConfig.hf_overrides)."""
     raw = dict(raw)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mmpl.config import Config, ConfigError, dump_yaml, train_steps, validate_config, validate_layout
-from megatron_mmpl.config.hf_config import resolve_hf_config
+from megatron_mmpl.config.hf_config import check_matches_checkpoint, resolve_hf_config
 from megatron_mmpl.training import checkpoint as ckpt
 from megatron_mmpl.training.batches import check_data_dir, check_mixture, open_batches
 from megatron_mmpl.training.flops import FlopModel, peak_tflops
@@ -57,7 +57,10 @@ def preflight(cfg: Config, world_size: int):
     if cfg.model.dtype != "fp32" and not torch.cuda.is_available():
         raise ConfigError(f"model.dtype={cfg.model.dtype} needs a GPU; on CPU set model.dtype=fp32")
     check_mixture(cfg.data, check_data_dir(cfg.data.shards, hf))
-    return hf, plan_start(cfg)
+    start = plan_start(cfg)
+    if start[0] == "model":
+        check_matches_checkpoint(hf, cfg.model, start[1])
+    return hf, start
 
 
 def train(cfg: Config, max_steps: int | None = None) -> TrainResult:

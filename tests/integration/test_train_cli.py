@@ -1,6 +1,7 @@
 """`mmpl train` from the command line: one-line config errors and missing inputs before any compute; a stop
 signal sent to one of two ranks makes both finish the step, save a complete checkpoint and exit 0."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from megatron_mmpl.cli import main
+from megatron_mmpl.models.qwen25vl.presets import preset_dict
 from megatron_mmpl.training.checkpoint import latest_step
 from tests.distributed.train_helpers import overrides
 
@@ -50,6 +52,16 @@ def test_missing_inputs_fail_before_compute(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     line = _error_line(capsys, ["train", "--config", RECIPE, *args, f"checkpoint.load={tmp_path / 'empty'}"])
     assert "holds no complete checkpoint" in line
+    # a converted checkpoint of another shape than model.hf_config (its own config.json travels in mmpl/hf/)
+    other = tmp_path / "other-ckpt"
+    (other / "mmpl" / "hf").mkdir(parents=True)
+    (other / "metadata.json").write_text("{}")
+    cfg = preset_dict("tiny")
+    cfg["vision_config"]["intermediate_size"] = 96
+    (other / "mmpl" / "hf" / "config.json").write_text(json.dumps(cfg))
+    line = _error_line(capsys, ["train", "--config", RECIPE, *args, f"checkpoint.load={other}"])
+    assert "model.hf_config='tiny' does not describe the checkpoint" in line, line
+    assert "vision_config.intermediate_size: 64 vs 96" in line and f"model.hf_config: {other}/mmpl/hf" in line
     line = _error_line(capsys, ["train", "--config", RECIPE, *args, "data.min_len=600", "data.max_len=700"])
     assert line.startswith("mmpl train: error: config error: data.recipe/min_len/max_len/task_weights: ")
     line = _error_line(capsys, ["train", "--config", RECIPE, *args, "model.hf_overrides={vocab_size: 256}"])

@@ -33,7 +33,8 @@ def _released(hidden, ffn, layers, heads, kv, vocab, tied, vision_ffn) -> dict:
         num_hidden_layers=layers, num_key_value_heads=kv, rms_norm_eps=1e-06, rope_theta=1000000.0,
         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, sliding_window=32768,
         tie_word_embeddings=tied, torch_dtype="bfloat16", use_cache=True, use_sliding_window=False,
-        vocab_size=vocab, vision_config={**_VISION, "intermediate_size": vision_ffn, "out_hidden_size": hidden}, **_TOKENS,
+        vocab_size=vocab, vision_config={**_VISION, "intermediate_size": vision_ffn, "out_hidden_size": hidden},
+        **_TOKENS,
     )
 
 
