@@ -17,6 +17,7 @@ import dataclasses
 import re
 
 import torch
+from torch.distributed.checkpoint.planner import LoadPlanner
 
 _LAYER = re.compile(r"^(language_model|vision_model)\.decoder\.layers\.(\d+)\.")
 
@@ -91,7 +92,7 @@ class Filler:
 # ---- export ----------------------------------------------------------------------------------------------------
 
 
-class _SliceLoadPlanner:
+class _SliceLoadPlanner(LoadPlanner):
     """A torch.distributed.checkpoint load planner that reads given chunks of saved tensors into given tensors.
 
     Why not `dist_checkpointing.load`: megatron's torch_dist loader describes each key to torch as a sharded
@@ -144,11 +145,6 @@ class _SliceLoadPlanner:
         pass
 
 
-def _materialize(entry, tensor: torch.Tensor):
-    """`entry` (meta) pointing at `tensor` instead; a factory's pieces are then views of `tensor`."""
-    return dataclasses.replace(entry, data=tensor)
-
-
 class GroupReader:
     """`get(name)` → the full TP1 tensor of a parameter, read from a dist checkpoint one group (layer) at a time.
 
@@ -166,14 +162,14 @@ class GroupReader:
         for n in self.names:
             self.groups.setdefault(group_of(n), []).append(n)
         self.current: tuple[str, dict] = ("", {})
-        self.loads = 0
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         out, requests = {}, {}
         for n in names:
             meta = self.params[n]
             out[n] = torch.empty(meta.shape, dtype=meta.dtype)
-            for piece in _pieces(_materialize(self.sharded[n], out[n])):
+            # the meta entry pointed at the new tensor: a factory's pieces are then views of it
+            for piece in _pieces(dataclasses.replace(self.sharded[n], data=out[n])):
                 if piece.flattened_range is not None:
                     raise NotImplementedError(f"{piece.key}: flattened model tensors are not supported")
                 lead = (None,) * piece.prepend_axis_num  # the layer axis of stacked keys
@@ -183,7 +179,6 @@ class GroupReader:
         plan = self.storage.prepare_local_plan(planner.create_local_plan())
         plan = planner.finish_plan(self.storage.prepare_global_plan([plan])[0])
         self.storage.read_data(plan, planner).wait()
-        self.loads += 1
         return out
 
     def get(self, name: str) -> torch.Tensor:
