@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from megatron_mmpl.attention.backend import auto_backend, configured_backend
-from megatron_mmpl.attention.segments import plan_blocks, segment_bounds, token_coords
+from megatron_mmpl.attention.segments import group_blocks, plan_blocks, segment_bounds, token_coords
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
@@ -43,6 +43,22 @@ def _bounds(packed_seq_params, cu_q, total: int) -> list[int]:
     if packed_seq_params is not None:
         packed_seq_params._mmpl_bounds = (total, cu_q, cu)
     return cu
+
+
+def _block_plan(packed_seq_params, cu: list[int], causal: bool, cp_rank: int, cp: int, device):
+    """(blocks, grouped plan) of this rank's queries, memoised on the PackedSeqParams like `_bounds`: built once
+    per forward (its index tensors copied to the device once), not once per layer."""
+    key = (tuple(cu), causal, cp_rank, cp, device)
+    memo = getattr(packed_seq_params, "_mmpl_plans", None) if packed_seq_params is not None else None
+    if memo is not None and key in memo:
+        return memo[key]
+    blocks = plan_blocks(cu, causal, cp_rank, cp)
+    out = (blocks, group_blocks(blocks, device))
+    if packed_seq_params is not None:
+        if memo is None:
+            memo = packed_seq_params._mmpl_plans = {}
+        memo[key] = out
+    return out
 
 
 class CoreAttention(MegatronModule):
@@ -148,10 +164,10 @@ class CoreAttention(MegatronModule):
 
             k = gather_kv_for_cp(k, cu, self.cp_group)  # [s_full, b, nkv, d]
             v = gather_kv_for_cp(v, cu, self.cp_group)
-        blocks = plan_blocks(cu, causal, cp_rank, cp)
+        blocks, plan = _block_plan(packed_seq_params, cu, causal, cp_rank, cp, q.device)
         backend = self.backend
-        if backend == "auto":
-            backend = auto_backend(q.device.type, len(blocks) // (2 if cp > 1 else 1), sq * cp / max(1, len(cu) - 1))
+        if backend == "auto":  # distinct block shapes = SDPA calls per layer; flex when many and short
+            backend = auto_backend(q.device.type, len(plan.groups), sq * cp / max(1, len(cu) - 1))
         if backend == "flex":
             from megatron_mmpl.attention.flex import document_block_mask, flex_packed
 
@@ -161,7 +177,7 @@ class CoreAttention(MegatronModule):
         from megatron_mmpl.attention.sdpa import sdpa_blocks
 
         with self._rng(dropout_p):
-            return sdpa_blocks(q, k, v, blocks, self.softmax_scale, dropout_p)
+            return sdpa_blocks(q, k, v, plan, self.softmax_scale, dropout_p)
 
     def _rng(self, dropout_p: float):
         """Dropout draws from megatron's model-parallel RNG stream, as DotProductAttention does."""

@@ -1,4 +1,5 @@
-"""Per-segment torch SDPA: one fused call per block of a packed row, so no S×S tensor for the whole pack."""
+"""Torch SDPA over the blocks of a packed row: equal blocks batched into one call, never an S×S tensor for the
+whole pack."""
 
 from __future__ import annotations
 
@@ -8,42 +9,50 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from megatron_mmpl.attention.segments import Block
+from megatron_mmpl.attention.segments import GroupPlan
 
-# On GPU repeat GQA heads before SDPA so the cuDNN/flash kernels are eligible; MMPL_SDPA_EXPAND_KV=0 passes
-# enable_gqa instead (less memory; benchmarks/bench_attention.py measures both as sdpa / sdpa-gqa).
-EXPAND_KV_ON_GPU = os.environ.get("MMPL_SDPA_EXPAND_KV", "1") == "1"
+# On GPU SDPA takes GQA as is (enable_gqa: measured as fast as repeated heads, with less memory —
+# benchmarks/bench_attention.py, sdpa vs sdpa-gqa); MMPL_SDPA_EXPAND_KV=1 repeats K/V heads instead.
+EXPAND_KV_ON_GPU = os.environ.get("MMPL_SDPA_EXPAND_KV", "0") == "1"
 
 
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[b, n_kv, s, d] → [b, n_kv·groups, s, d] (GQA heads repeated, as SDPA's fused GPU kernels want them)."""
+    """[B, n_kv, s, d] → [B, n_kv·groups, s, d] (GQA heads repeated)."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def sdpa_blocks(q, k, v, blocks: list[Block], scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """q [sq, b, nq, d], k/v [sk, b, nkv, d] → [sq, b, nq, d]; each block is one SDPA call."""
-    qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
-    groups = q.shape[2] // k.shape[2]
-    # CPU math supports enable_gqa; on GPU expand the heads so cuDNN/flash are eligible.
+def _take(x: torch.Tensor, start: int, rows: torch.Tensor | None, n: int, length: int) -> torch.Tensor:
+    """Rows of n equal blocks of x [s, b, h, d] → [n·b, h, length, d] (a view when they are back to back)."""
+    s, b, h, d = x.shape
+    part = x[start:start + n * length] if rows is None else x.index_select(0, rows)
+    return part.view(n, length, b, h, d).permute(0, 2, 3, 1, 4).reshape(n * b, h, length, d)
+
+
+def sdpa_blocks(q, k, v, plan: GroupPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """q [sq, b, nq, d], k/v [sk, b, nkv, d] → [sq, b, nq, d]; one batched SDPA call per group of equal blocks
+    (`segments.group_blocks`), so thousands of ViT windows cost a handful of kernels."""
+    b, nq, d = q.shape[1:]
+    groups = nq // k.shape[2]
     expand = groups > 1 and q.is_cuda and EXPAND_KV_ON_GPU
     outs = []
-    for blk in blocks:
-        qs = qh[:, :, blk.q_start : blk.q_start + blk.q_len]
-        ks = kh[:, :, blk.kv_start : blk.kv_start + blk.kv_len]
-        vs = vh[:, :, blk.kv_start : blk.kv_start + blk.kv_len]
+    for g in plan.groups:
+        qs = _take(q, g.q_start, g.q_rows, g.n, g.q_len)
+        ks = _take(k, g.kv_start, g.kv_rows, g.n, g.kv_len)
+        vs = _take(v, g.kv_start, g.kv_rows, g.n, g.kv_len)
         if expand:
             ks, vs = _expand_kv(ks, groups), _expand_kv(vs, groups)
         mask, is_causal = None, False
-        if blk.causal and blk.q_len == blk.kv_len:
+        if g.causal and g.q_len == g.kv_len:
             is_causal = True
-        elif blk.causal:
-            mask = causal_lower_right(blk.q_len, blk.kv_len)
-        outs.append(F.scaled_dot_product_attention(
+        elif g.causal:
+            mask = causal_lower_right(g.q_len, g.kv_len)
+        out = F.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
             enable_gqa=groups > 1 and not expand,
-        ))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [b, nq, sq, d]
-    return out.permute(2, 0, 1, 3)
+        )  # [n·b, nq, len, d]
+        outs.append(out.view(g.n, b, nq, g.q_len, d).permute(0, 3, 1, 2, 4).reshape(g.n * g.q_len, b, nq, d))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # [sq, b, nq, d] in group order
+    return out if plan.inverse is None else out.index_select(0, plan.inverse)
 
 
 def sdpa_dense(q, k, v, keep: torch.Tensor | None, is_causal: bool, scale: float, dropout_p: float = 0.0):

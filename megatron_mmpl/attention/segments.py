@@ -70,3 +70,59 @@ def token_coords(blocks: list[Block], cu: list[int], device) -> tuple[torch.Tens
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.int32)
     return (cat(q_seg).to(device), cat(q_pos).to(device), kv_seg.to(device),
             torch.arange(cu[-1], dtype=torch.int32, device=device))
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """Blocks of one shape (q_len, kv_len, causal), run as one batched attention call.
+
+    `q_rows` / `kv_rows` [n·q_len] / [n·kv_len] int64 gather the group's rows; None when the n blocks sit back to
+    back from `q_start` / `kv_start` (then a view, no copy).
+    """
+
+    n: int
+    q_len: int
+    kv_len: int
+    causal: bool
+    q_start: int
+    kv_start: int
+    q_rows: torch.Tensor | None
+    kv_rows: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """All blocks of a forward grouped by shape; `inverse` puts the groups' outputs back in row order (None: the
+    groups already come out in row order)."""
+
+    groups: tuple[BlockGroup, ...]
+    inverse: torch.Tensor | None
+
+
+def _rows(starts: list[int], length: int) -> torch.Tensor:
+    return (torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(length)).reshape(-1)
+
+
+def _back_to_back(starts: list[int], length: int) -> bool:
+    return all(b - a == length for a, b in zip(starts[:-1], starts[1:]))
+
+
+def group_blocks(blocks: list[Block], device) -> GroupPlan:
+    """Group equal-shape blocks (a ViT's thousands of equal windows, a pack's equal samples) for batched calls."""
+    by_shape: dict[tuple[int, int, bool], list[Block]] = {}
+    for blk in blocks:
+        by_shape.setdefault((blk.q_len, blk.kv_len, blk.causal), []).append(blk)
+    groups, q_order = [], []
+    for (q_len, kv_len, causal), blks in by_shape.items():
+        qs, ks = [b.q_start for b in blks], [b.kv_start for b in blks]
+        q_view = _back_to_back(qs, q_len)
+        kv_view = _back_to_back(ks, kv_len)
+        groups.append(BlockGroup(
+            n=len(blks), q_len=q_len, kv_len=kv_len, causal=causal, q_start=qs[0], kv_start=ks[0],
+            q_rows=None if q_view else _rows(qs, q_len).to(device),
+            kv_rows=None if kv_view else _rows(ks, kv_len).to(device),
+        ))
+        q_order.append(_rows(qs, q_len))
+    order = torch.cat(q_order) if q_order else torch.zeros(0, dtype=torch.int64)
+    in_order = bool(torch.equal(order, torch.arange(order.numel())))
+    return GroupPlan(tuple(groups), None if in_order else torch.argsort(order).to(device))

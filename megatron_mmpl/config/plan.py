@@ -71,6 +71,7 @@ class ModelShape:
     vit_ffn: int
     patch_dim: int
     merge: int
+    vit_full_layers: int = 0
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -90,25 +91,16 @@ class ModelShape:
             vit_depth=vis["depth"], vit_hidden=vis["hidden_size"], vit_heads=vis["num_heads"],
             vit_ffn=vis["intermediate_size"],
             patch_dim=channels * vis.get("temporal_patch_size", 2) * vis.get("patch_size", 14) ** 2,
-            merge=vis.get("spatial_merge_size", 2), raw=raw,
+            merge=vis.get("spatial_merge_size", 2), vit_full_layers=len(vis.get("fullatt_block_indexes", ())), raw=raw,
         )
 
 
-def load_shape(spec: str) -> ModelShape:
-    """Shapes for `model.hf_config`: the trainer's resolution (config presets or config.json), else the model
-    package's preset table (models/qwen25vl/presets.py)."""
-    from megatron_mmpl.config.hf_config import load_hf_dict
+def load_shape(spec: str, overrides: dict | None = None) -> ModelShape:
+    """Shapes for `model.hf_config` with `model.hf_overrides` applied: the trainer's resolution (presets or
+    config.json)."""
+    from megatron_mmpl.config.hf_config import apply_overrides, load_hf_dict
 
-    try:
-        return ModelShape.from_hf_dict(load_hf_dict(spec))
-    except ConfigError:
-        try:
-            from megatron_mmpl.models.qwen25vl.presets import PRESETS
-        except ImportError:
-            raise
-        if spec not in PRESETS:
-            raise
-        return ModelShape.from_hf_dict(PRESETS[spec])
+    return ModelShape.from_hf_dict(apply_overrides(load_hf_dict(spec), overrides or {}))
 
 
 # ------------------------------------------------------------------------------------------- parameters
@@ -146,48 +138,55 @@ def total_params(m: ModelShape) -> int:
 
 
 def layer_activation_bytes(h: int, heads: int, kv: int, ffn: int, head_dim: int, tp: int, sp: bool,
-                           recompute: str, elem: int = 2, cp_gathered: bool = False, fused_norm: bool = True) -> float:
+                           recompute: str, elem: int = 2, cp_gathered: bool = False, cuda: bool = True,
+                           gathered: bool = False) -> float:
     """Bytes one transformer layer (LM or ViT block, as this trainer builds them) keeps for backward per token of
     the rank's sequence (the whole row, or its CP share; sequence parallel shards only the norm regions),
     K/V of the CP all-gather excluded (see `gathered_kv_bytes`). q = heads·head_dim; kv = groups·head_dim.
 
     Counted from the tensors autograd saves in megatron's local layer with our CoreAttention (the unit test
-    tests/unit/launch/test_activation_memory.py checks this against a real layer to the byte), in elements of
-    the activation dtype per token; `sp` divides the norm regions by tp (sequence parallel), else replicated:
-      attention: RMSNorm input h/sp, QKV-linear input h/sp, the QKV output buffer (q + 2kv)/tp (V is a view
-        of it, so attention keeps it alive), RoPE'd q q/tp and k kv/tp, per-segment SDPA outputs q/tp and their
-        concatenation (the out-proj input) q/tp; fp32 extras: log-sum-exp heads/tp, RoPE cos/sin 4·head_dim
-        (unfused RoPE, q and k), RMSNorm rstd 1/sp;
-      MLP: RMSNorm input h/sp, fc1 input h/sp, fc1 output [gate; up] 2F/tp, unfused SwiGLU 3F/tp (a copy of
-        gate, silu(gate), and silu(gate)·up = the fc2 input); fp32 rstd 1/sp.
-      none      = elem·(4h/sp + (4q + 3kv + 5F)/tp) + 4·(heads/tp + 4·head_dim + 2/sp)
-      selective = none − elem·q/tp − 4·heads/tp (megatron's core-attention recompute drops the per-segment
-                  outputs and the log-sum-exp; q/k/v are its inputs and the concatenation its output)
+    tests/unit/launch/test_activation_memory.py checks this against real layers to the byte on CPU, and on a GPU),
+    in elements of the activation dtype per token; `sp` divides the norm regions by tp, else replicated:
+      norms: RMSNorm input and the linear input after it, before attention and before the MLP: 4h/sp;
+      attention: SDPA's q, k, v inputs — RoPE'd q (q) and k (kv) and the QKV output buffer (q + 2kv, alive
+        because v is a view of it), or with `gathered` (equal blocks gathered into a batch: ViT windows) the
+        gathered copies q + 2kv; SDPA's output q and the out-proj input q;
+      MLP: fc1 output [gate; up] 2F/tp and the fc2 input F/tp (`cuda`: megatron's fused SwiGLU keeps only
+        those), or unfused 2F + 3F (a copy of gate, silu(gate), silu(gate)·up);
+      fp32: log-sum-exp heads/tp, RMSNorm rstd 2/sp; unfused RoPE (CPU) its cos/sin for q and k
+        4·head_dim; CPU's composite RMSNorm its x·rstd 2h/sp. On CUDA the RoPE kernel keeps only the shared
+        position table (counted once per model, not here).
+      selective = none − SDPA output q − log-sum-exp (megatron's core-attention recompute; its inputs are q/k/v
+                  as they come out of RoPE, so the buffer accounting applies even for gathered blocks)
       full      = elem·h/sp per recompute chunk (only the chunk's input is kept)
     Under CP (`cp_gathered`) K/V are all-gathered and the gathered copies are kept instead of the local QKV
-    buffer and RoPE'd k (derived, not measured). `fused_norm=False` adds the x·rstd intermediate that torch's
-    composite RMSNorm keeps on CPU (h/sp per norm); CUDA's fused rms_norm keeps only input and rstd.
-    Assumes no dropout (Qwen2.5-VL has none) and bias adds that keep nothing.
+    buffer and RoPE'd k (derived, not measured). Assumes no dropout (Qwen2.5-VL has none).
     """
     sp_div = tp if sp else 1
     q = heads * head_dim
     if recompute == "full":
         return elem * h / sp_div
-    local_qkv = 0 if cp_gathered else (q + 2 * kv) + kv  # QKV buffer + RoPE'd k (else: gathered K/V, counted apart)
-    elems = 4 * h / sp_div + (3 * q + local_qkv + 5 * ffn) / tp
-    if not fused_norm:
+    if cp_gathered:
+        qkv = q
+    elif gathered and recompute != "selective":
+        qkv = q + 2 * kv
+    else:
+        qkv = q + kv + (q + 2 * kv)
+    mlp = (3 if cuda else 5) * ffn
+    elems = 4 * h / sp_div + (qkv + 2 * q + mlp) / tp
+    if not cuda:
         elems += 2 * h / sp_div
-    extra = 4 * (heads / tp + 4 * head_dim + 2 / sp_div)
+    extra = 4 * (heads / tp + 2 / sp_div) + (0 if cuda else 4 * 4 * head_dim)
     if recompute == "selective":
         return elem * (elems - q / tp) + extra - 4 * heads / tp
     return elem * elems + extra
 
 
 def lm_layer_activation_bytes(m: ModelShape, tp: int, sp: bool, recompute: str, elem: int = 2, cp: int = 1,
-                              fused_norm: bool = True) -> float:
+                              cuda: bool = True) -> float:
     """`layer_activation_bytes` at the LM's shape, per local token."""
     return layer_activation_bytes(m.hidden, m.heads, m.kv_groups * m.head_dim, m.ffn, m.head_dim, tp, sp, recompute,
-                                  elem, cp > 1, fused_norm)
+                                  elem, cp > 1, cuda)
 
 
 def gathered_kv_bytes(m: ModelShape, tp: int, elem: int = 2) -> float:
@@ -195,13 +194,21 @@ def gathered_kv_bytes(m: ModelShape, tp: int, elem: int = 2) -> float:
     return elem * 2 * m.kv_groups * m.head_dim / tp
 
 
-def vit_block_activation_bytes(m: ModelShape, tp: int, recompute: str, elem: int = 2,
-                               fused_norm: bool = True) -> float:
-    """`layer_activation_bytes` at the ViT's shape (multi-head: K/V as wide as q; no sequence parallel, so norm
-    regions are replicated over TP; window and full-attention blocks alike), per patch."""
+def vit_block_activation_bytes(m: ModelShape, tp: int, recompute: str, elem: int = 2, cuda: bool = True,
+                               windowed: bool | None = None) -> float:
+    """`layer_activation_bytes` at the ViT's shape (multi-head: K/V as wide as q; no sequence parallel), per
+    patch. Window blocks attend in gathered batches of equal windows, full-attention blocks in views of whole
+    frames; `windowed` picks one kind, None averages over the ViT's blocks (`vit_full_layers` of them full)."""
     hv = m.vit_hidden
-    return layer_activation_bytes(hv, m.vit_heads, hv, m.vit_ffn, hv // m.vit_heads, tp, False, recompute, elem,
-                                  False, fused_norm)
+
+    def one(gathered: bool) -> float:
+        return layer_activation_bytes(hv, m.vit_heads, hv, m.vit_ffn, hv // m.vit_heads, tp, False, recompute,
+                                      elem, False, cuda, gathered)
+
+    if windowed is not None:
+        return one(windowed)
+    full = min(m.vit_full_layers, m.vit_depth)
+    return (full * one(False) + (m.vit_depth - full) * one(True)) / m.vit_depth
 
 
 def merger_activation_bytes(m: ModelShape, tp: int, elem: int = 2) -> float:
@@ -246,6 +253,7 @@ class Plan:
     train_tokens: int | None
     refusal: str | None = None
     notes: list[str] = field(default_factory=list)
+    model_settings: dict = field(default_factory=dict)  # the recompute fields planned (auto resolved)
 
     @property
     def peak(self) -> StageMemory:
@@ -285,6 +293,49 @@ def check_layout(cfg: Config, hw: Hardware, m: ModelShape) -> int:
     return dp
 
 
+def resolved_recompute(cfg: Config) -> str:
+    if cfg.model.recompute == "auto":
+        raise PlanError("model.recompute=auto must be resolved first (plan_config does it: choose_recompute)")
+    return cfg.model.recompute
+
+
+def recompute_candidates(cfg: Config, m: ModelShape) -> list[dict]:
+    """LM recompute settings from fastest to leanest: none, full on the first k layers of each stage (block),
+    full on every layer (uniform)."""
+    p = cfg.parallel
+    most = p.first_stage_layers if (p.pp > 1 and p.first_stage_layers) else -(-m.layers // p.pp)
+    if p.pp > 1:
+        most = max(most, (m.layers - (p.first_stage_layers or m.layers // p.pp)) // (p.pp - 1))
+    out = [dict(recompute="none")]
+    out += [dict(recompute="full", recompute_method="block", recompute_num_layers=k) for k in range(1, most)]
+    return out + [dict(recompute="full", recompute_method="uniform", recompute_num_layers=1)]
+
+
+def choose_recompute(cfg: Config, hw: Hardware, m: ModelShape) -> tuple[Config, str]:
+    """For model.recompute=auto: the config with the fastest LM recompute setting whose plan fits (else the
+    leanest), and a line saying what was chosen."""
+    import copy
+
+    chosen = None
+    for cand in recompute_candidates(cfg, m):
+        trial = copy.deepcopy(cfg)
+        for k, v in cand.items():
+            setattr(trial.model, k, v)
+        chosen = trial
+        if plan_config(trial, hw, shape=m).fits:
+            break
+    return chosen, f"model.recompute=auto chose {recompute_label(chosen)}"
+
+
+def recompute_label(cfg: Config) -> str:
+    mc = cfg.model
+    if mc.recompute != "full":
+        return mc.recompute
+    if mc.recompute_method == "block":
+        return f"full (block: {mc.recompute_num_layers} layer(s) per stage)"
+    return f"full (uniform, {mc.recompute_num_layers} layer(s) per chunk)"
+
+
 def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelShape | None = None) -> Plan:
     """Per-GPU memory by pipeline stage, tokens per step and steps; `refusal` says why it will not fit.
 
@@ -296,8 +347,13 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelShape | N
     entropy; the loss runs the output layer LOSS_CHUNK_TOKENS positions at a time).
     Raises PlanError for a layout that cannot start.
     """
-    m = shape or load_shape(cfg.model.hf_config)
+    m = shape or load_shape(cfg.model.hf_config, cfg.model.hf_overrides)
     dp = check_layout(cfg, hw, m)
+    if cfg.model.recompute == "auto":
+        cfg, line = choose_recompute(cfg, hw, m)
+        plan = plan_config(cfg, hw, name, m)
+        plan.notes.append(line)
+        return plan
     p, d, mc = cfg.parallel, cfg.data, cfg.model
     tp, pp, cp, sp = p.tp, p.pp, p.cp, p.sequence_parallel
     fp32 = mc.dtype == "fp32"
@@ -310,7 +366,7 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelShape | N
     local = tokens / cp  # per CP rank
     patches = tokens * IMAGE_TOKEN_FRACTION * m.merge**2  # whole micro-batch
     patches_local = patches / cp if VIT_IMAGES_SPLIT_OVER_CP else patches
-    recompute, chunk = mc.recompute, mc.recompute_num_layers
+    recompute = resolved_recompute(cfg)
 
     first = p.first_stage_layers if (pp > 1 and p.first_stage_layers) else m.layers // pp
     rest = (m.layers - first) // (pp - 1) if pp > 1 else 0
@@ -340,41 +396,54 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelShape | N
         st.terms["grads"] = grad_b * trainable
         st.terms["optimizer"] = optim_b * trainable / shard
         # LM activations kept for backward, per micro-batch in flight.
-        if recompute == "full":
-            kept = math.ceil(n_layers / chunk) * lm_layer_activation_bytes(m, tp, sp, "full", elem) * local
-            rebuilt = min(chunk, n_layers)
+        full_b = lm_layer_activation_bytes(m, tp, sp, "full", elem) * local
+        if recompute == "full" and mc.recompute_method == "block":
+            k = min(mc.recompute_num_layers, n_layers)
+            kept = k * full_b + (n_layers - k) * (a_none * local + kv_full)
+            rebuilt = 1 if k else 0
+        elif recompute == "full":
+            kept = math.ceil(n_layers / mc.recompute_num_layers) * full_b
+            rebuilt = min(mc.recompute_num_layers, n_layers)
         else:
             kept = n_layers * (lm_layer_activation_bytes(m, tp, sp, recompute, elem, cp) * local + kv_full)
             rebuilt = 0
         st.terms["activations"] = kept * in_flight
-        transient = (rebuilt + 1) * (a_none * local + kv_full)
+        # Working set of the LM backward: the layers being rebuilt plus one layer's gradient temporaries; on the
+        # last stage also one loss chunk's logits (+ the fp32 copy cross entropy keeps), recomputed in the backward.
+        lm_work = (rebuilt + 1) * (a_none * local + kv_full)
+        logits = (elem + 4) * m.vocab / tp * min(local, LOSS_CHUNK_TOKENS) if last else 0.0
+        transient = lm_work
         if i == 0:
             vit_trains = not mc.freeze_vision
-            if vit_trains and recompute == "full":
-                vit_kept = math.ceil(m.vit_depth / chunk) * vit_block_activation_bytes(m, tp, "full", elem)
-                vit_rebuilt = min(chunk, m.vit_depth)
+            if vit_trains and mc.vit_recompute == "full":
+                # whole images in chunks, each rebuilt in its own backward: nothing kept, one chunk's blocks live
+                vit_kept = 0.0
+                vit_work = min(mc.vit_chunk_patches, patches_local) * (m.vit_depth * v_none
+                                                                      + merger_activation_bytes(m, tp, elem))
             elif vit_trains:
-                vit_kept = m.vit_depth * vit_block_activation_bytes(m, tp, recompute, elem)
-                vit_rebuilt = 0
+                vit_kept = m.vit_depth * v_none * patches_local
+                vit_work = v_none * patches_local
             else:
-                vit_kept, vit_rebuilt = 0.0, 0  # frozen: no graph through the blocks
-            if vit_trains or not mc.freeze_merger:
-                vit_kept += merger_activation_bytes(m, tp, elem)
-            st.terms["vit_activations"] = vit_kept * patches_local * in_flight
+                vit_kept, vit_work = 0.0, 0.0  # frozen: no graph through the blocks
+            if not mc.freeze_merger and not (vit_trains and mc.vit_recompute == "full"):
+                vit_kept += merger_activation_bytes(m, tp, elem) * patches_local
+            st.terms["vit_activations"] = vit_kept * in_flight
             st.terms["pixels"] = 4 * m.patch_dim * patches * (in_flight if vit_trains else 1)
-            transient = max(transient, (vit_rebuilt + 1) * v_none * patches_local)
+            # The ViT's backward runs after the LM's has freed this micro-batch's LM activations and logits.
+            transient = max(lm_work, vit_work - kept - logits)
         st.terms["transient"] = transient
-        if last:  # one loss chunk's logits (+ the fp32 copy cross entropy keeps), recomputed in the backward
-            st.terms["logits"] = (elem + 4) * m.vocab / tp * min(local, LOSS_CHUNK_TOKENS)
+        if last:
+            st.terms["logits"] = logits
         stages.append(st)
 
     steps = train_steps(cfg)
     plan = Plan(
-        name=name, hardware=hw, tp=tp, pp=pp, cp=cp, dp=dp, recompute=recompute, seq_len=d.max_seq_len,
+        name=name, hardware=hw, tp=tp, pp=pp, cp=cp, dp=dp, recompute=recompute_label(cfg), seq_len=d.max_seq_len,
         micro_batch=rows, global_batch=d.global_batch_size, micro_batches_per_step=micro_batches,
         params=total_params(m), stages=stages, tokens_per_step=d.global_batch_size * d.max_seq_len,
         train_steps=steps, warmup_steps=warmup_steps(cfg), train_tokens=cfg.schedule.train_tokens,
     )
+    plan.model_settings = {k: getattr(mc, k) for k in ("recompute", "recompute_method", "recompute_num_layers")}
     if pp > 1 and micro_batches < pp:
         plan.notes.append(f"{micro_batches} micro-batches per step for {pp} pipeline stages: most of each step is "
                           f"pipeline bubble; raise data.global_batch_size to >= {pp * rows * dp}")

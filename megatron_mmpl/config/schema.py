@@ -29,10 +29,23 @@ class ModelConfig:
     """Freeze the patch merger (the ViT → LM projector)."""
     freeze_llm: bool = False
     """Freeze the language model (embedding, decoder, output layer)."""
-    recompute: str = "none"
-    """Activation recompute: none | selective (core attention only) | full (whole layers)."""
+    recompute: str = "auto"
+    """LM activation recompute: auto | none | selective (core attention only) | full (whole layers). auto: on a
+    GPU the fastest policy the memory planner says fits this GPU (none, else full with `recompute_method=block`
+    on as few layers as fit, else uniform over all); on CPU none. The trainer logs the choice."""
+    recompute_method: str = "uniform"
+    """With recompute=full, megatron's method: uniform (every layer, in chunks of recompute_num_layers) | block
+    (only the first recompute_num_layers layers of each pipeline stage; the rest keep their activations)."""
     recompute_num_layers: int = 1
-    """With recompute=full: layers per recompute chunk (megatron's uniform method)."""
+    """With recompute=full: layers per recompute chunk (uniform) or recomputed layers per stage (block)."""
+    vit_recompute: str = "full"
+    """ViT activation recompute: full (the ViT's forward is rerun in the backward, `vit_chunk_patches` patches
+    of whole images at a time, keeping nothing between) | none (every block keeps its activations)."""
+    vit_chunk_patches: int = 16384
+    """Patches of whole images per ViT recompute chunk (an image larger than this is a chunk of its own)."""
+    fused_kernels: bool = True
+    """On CUDA: megatron's fused SwiGLU (LM and ViT MLPs) and a compiled RoPE kernel in megatron's fused-RoPE
+    slot (TE is not needed). No effect on CPU."""
     attention_backend: str = "auto"
     """Core attention: auto | sdpa | flex | te (auto: sdpa per packed segment, flex for many short segments)."""
     rope_theta: float | None = None
@@ -58,6 +71,8 @@ class ParallelConfig:
     """LM layers on pipeline stage 0, which also runs the ViT (null: an even split); needs pp > 1."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism for norms/dropout regions; needs tp > 1."""
+    ignore_memory_plan: bool = False
+    """Start on a GPU even when the memory planner refuses this layout (it will likely run out of memory)."""
 
 
 @dataclass

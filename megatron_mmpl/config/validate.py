@@ -10,7 +10,9 @@ from megatron_mmpl.config.schema import Config
 
 _CHOICES = {
     "model.dtype": ("bf16", "fp16", "fp32"),
-    "model.recompute": ("none", "selective", "full"),
+    "model.recompute": ("auto", "none", "selective", "full"),
+    "model.recompute_method": ("uniform", "block"),
+    "model.vit_recompute": ("full", "none"),
     "model.attention_backend": ("auto", "sdpa", "flex", "te"),
     "optim.decay_style": ("cosine", "linear", "constant"),
 }
@@ -30,7 +32,7 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(f"{name}={_get(cfg, name)!r} must be one of {' | '.join(choices)}")
     positive = ("parallel.tp", "parallel.pp", "parallel.cp", "data.micro_batch_size", "data.global_batch_size",
                 "data.max_seq_len", "data.min_len", "checkpoint.interval", "logging.interval",
-                "model.recompute_num_layers")
+                "model.recompute_num_layers", "model.vit_chunk_patches")
     for name in positive:
         if _get(cfg, name) < 1:
             raise ConfigError(f"{name}={_get(cfg, name)} must be >= 1")

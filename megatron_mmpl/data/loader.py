@@ -245,6 +245,7 @@ class LongDocLoader:
             ds, batch_size=None, num_workers=o.num_workers,
             prefetch_factor=o.prefetch_factor if o.num_workers > 0 else None,
             multiprocessing_context="fork" if o.num_workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),  # page-locked batches: the trainer's copies run asynchronously
         )
         for batch in dl:
             meta = batch.pop("_meta")

@@ -15,6 +15,9 @@ import torch
 
 # Batch entries the model takes besides input_ids / position_ids / labels.
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+# Small metadata the model reads on the host (image grids, sample boundaries): left on the CPU, so reading them
+# costs no device sync.
+HOST_KEYS = ("image_grid_thw", "video_grid_thw", "cu_seqlens")
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -88,7 +91,7 @@ class ForwardStep:
     def _to_device(self, batch: dict) -> dict:
         out = {}
         for k, v in batch.items():
-            if torch.is_tensor(v):
+            if torch.is_tensor(v) and k not in HOST_KEYS:
                 v = v.to(self.device, non_blocking=True)
                 if v.is_floating_point() and k.startswith("pixel_values"):
                     v = v.to(self.dtype)
@@ -101,11 +104,11 @@ class ForwardStep:
 
         if self.cp_size == 1 and self.seq_multiple == 1:
             return dict(position_ids=batch["position_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],
-                        packed_seq_params=packed_seq_params(batch["cu_seqlens"], self.device))
+                        packed_seq_params=packed_seq_params(batch["cu_seqlens"]))
         local = split_packed_batch(batch, self.cp_rank, self.cp_size, multiple=self.seq_multiple,
                                    keys=("labels", "loss_mask", "position_ids"))
         plan = local["cp_plan"]
         if self.module.pre_process:
             self.module.split_merged_embeddings = lambda emb: plan.split(emb, seq_dim=0)  # [s, b, h] → share
         return dict(position_ids=local["position_ids"], labels=local["labels"], loss_mask=local["loss_mask"],
-                    packed_seq_params=packed_seq_params(local["cu_seqlens"], self.device))
+                    packed_seq_params=packed_seq_params(local["cu_seqlens"]))

@@ -8,31 +8,39 @@ from megatron_mmpl.config import Config
 from megatron_mmpl.training.optimizer import DTYPES
 
 
-def transformer_overrides(cfg: Config) -> dict:
-    """TransformerConfig fields the trainer sets on the LM, ViT and merger configs."""
-    out = {"calculate_per_token_loss": True}
+def transformer_overrides(cfg: Config) -> tuple[dict, dict]:
+    """TransformerConfig fields the trainer sets: (LM, ViT and merger; LM only). Recompute is the LM's here;
+    the ViT recomputes whole images itself (model.vit_recompute, models/qwen25vl/vision_model.py)."""
+    common = {"calculate_per_token_loss": True}
     if cfg.parallel.pp > 1:
         # Packed rows may differ in length between steps: exchange p2p shapes instead of fixing seq_length.
         # (megatron 0.16.1 rejects that with its default MoE dispatcher even in a dense model: name another.)
-        out.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
-    if cfg.model.recompute == "selective":
-        out.update(recompute_granularity="selective", recompute_modules=["core_attn"])
-    elif cfg.model.recompute == "full":
-        out.update(recompute_granularity="full", recompute_method="uniform",
-                   recompute_num_layers=cfg.model.recompute_num_layers)
-    return out
+        common.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
+    m, lm = cfg.model, {}
+    if m.recompute == "auto":
+        raise ValueError("model.recompute=auto must be resolved before the model is built (training/memory.py)")
+    if m.recompute == "selective":
+        lm.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif m.recompute == "full":
+        lm.update(recompute_granularity="full", recompute_method=m.recompute_method,
+                  recompute_num_layers=m.recompute_num_layers)
+    return common, lm
 
 
 def build_model_chunk(cfg: Config, hf) -> torch.nn.Module:
     """`models.qwen25vl.build.build_model` for this rank (parallel_state must be initialised)."""
     from megatron_mmpl.models.qwen25vl.build import build_model
 
+    common, lm = transformer_overrides(cfg)
     module = build_model(
         hf, first_stage_layers=cfg.parallel.first_stage_layers, sequence_parallel=cfg.parallel.sequence_parallel,
         dtype=DTYPES[cfg.model.dtype],
         attention_backend=None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend,
-        overrides=transformer_overrides(cfg),
+        overrides=common, language_overrides=lm, fused_kernels=cfg.model.fused_kernels,
     )
+    if module.vision_model is not None:
+        module.vision_model.recompute = cfg.model.vit_recompute == "full"
+        module.vision_model.chunk_patches = cfg.model.vit_chunk_patches
     if torch.cuda.is_available():
         module.cuda(torch.cuda.current_device())
     return module

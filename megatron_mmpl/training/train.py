@@ -23,6 +23,7 @@ from megatron_mmpl.training.batches import check_data_dir, check_mixture, open_b
 from megatron_mmpl.training.flops import FlopModel, peak_tflops
 from megatron_mmpl.training.forward_step import ForwardStep
 from megatron_mmpl.training.logger import RunLogger
+from megatron_mmpl.training.memory import plan_this_run, planned_vs_measured, use_expandable_segments
 from megatron_mmpl.training.optimizer import DTYPES, build_optimizer, current_lr, freeze, wrap_ddp
 from megatron_mmpl.training.signals import StopSignal
 
@@ -74,9 +75,11 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     hf, (start_kind, start_path) = preflight(cfg, world_size)
+    use_expandable_segments()
     hf_side_dir = os.path.join(cfg.run_dir, "hf_files")  # HF config + tokenizer, copied into each checkpoint
     p, d = cfg.parallel, cfg.data
     initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.seed)
+    memory_plan = plan_this_run(cfg, hf, world_size)  # resolves model.recompute=auto; refuses what cannot fit
     rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     num_microbatches = d.global_batch_size // (d.micro_batch_size * dp)
     total_steps = train_steps(cfg)
@@ -121,6 +124,11 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     log = RunLogger(cfg, writer=rank == 0, total_steps=total_steps, start_step=state.step)
     log.print(f"[mmpl train] {start_kind} at step {state.step}/{total_steps}: world {world_size} = "
               f"tp {p.tp} x pp {p.pp} x cp {p.cp} x dp {dp}; {num_microbatches} micro-batches of {d.micro_batch_size}")
+    if memory_plan is not None:
+        log.print(f"[mmpl train] memory plan: {memory_plan.peak.total / 2**30:.1f} GiB per GPU at peak (stage "
+                  f"{memory_plan.peak.stage}) of {memory_plan.hardware.budget_bytes / 2**30:.1f} usable; LM "
+                  f"recompute {memory_plan.recompute}, ViT recompute {cfg.model.vit_recompute}")
+    first_step = state.step + 1
     signals = StopSignal()
     result = TrainResult(step=state.step, model=module, optimizer=optimizer)
     peak = peak_tflops(cfg.logging.peak_tflops)
@@ -160,6 +168,8 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
             window.add(loss, grad_norm, totals[2].item(), totals[3].item(), totals[4].item(), waits[0].item(),
                        time.perf_counter() - t0, waits[1].item())
             log.advance(state.step, loss)
+            if state.step == first_step and torch.cuda.is_available():
+                log.print(f"[mmpl train] {planned_vs_measured(memory_plan)}")
             if state.step % cfg.logging.interval == 0 or state.step == end:
                 log.log(state.step, window.metrics(lr, world_size, peak))
                 window = _Window()

@@ -32,7 +32,7 @@ def _error_line(capsys, argv) -> str:
     ("parallel.tp=3", "config error: parallel.tp*pp*cp=3*1*1=3 does not divide the world size 1"),
     ("optim.lr=fast", "config error: optim.lr='fast' must be a number"),
     ("optim.betass=0.9", "config error: unknown key optim.betass (did you mean optim.beta"),
-    ("model.recompute=most", "config error: model.recompute='most' must be one of none | selective | full"),
+    ("model.recompute=most", "config error: model.recompute='most' must be one of auto | none | selective | full"),
     ("model.dtype=bf16", "config error: model.dtype=bf16 needs a GPU; on CPU set model.dtype=fp32"),
 ])
 def test_bad_config_is_one_line_naming_the_field(tmp_path, capsys, override, expected):

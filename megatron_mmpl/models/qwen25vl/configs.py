@@ -146,12 +146,15 @@ def megatron_configs(
     dtype: torch.dtype = torch.float32,
     overrides: dict | None = None,
     language_overrides: dict | None = None,
+    fused_kernels: bool = True,
 ) -> Qwen25VLConfigs:
     """Derive the megatron configs of the LM, the ViT and the merger from a Qwen2.5-VL HF config.
 
     `overrides` are extra TransformerConfig fields applied to all three (e.g. recompute settings);
     `language_overrides` only to the LM. `first_stage_layers`: LM layers on pipeline stage 0 (which also runs
-    the ViT); the rest are split evenly over the other stages.
+    the ViT); the rest are split evenly over the other stages. `fused_kernels` (CUDA only): megatron's fused
+    SwiGLU in the LM and ViT MLPs and a compiled RoPE kernel (compat/cuda_rope.py); the merger keeps its exact
+    GELU (megatron's fused bias-GELU is the tanh approximation).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -204,20 +207,27 @@ def megatron_configs(
         tensor_model_parallel_size=tp, init_method_std=getattr(tc, "initializer_range", 0.02),
     )
     common.update(overrides or {})
+    fused = {}
+    if cuda and fused_kernels:
+        from megatron_mmpl.compat import cuda_rope
+
+        cuda_rope.install()
+        fused = dict(bias_activation_fusion=True, apply_rope_fusion=True)
     language = TransformerConfig(
         num_layers=layers, hidden_size=tc.hidden_size, num_attention_heads=heads, num_query_groups=groups,
         kv_channels=head_dim, ffn_hidden_size=tc.intermediate_size, add_qkv_bias=True, add_bias_linear=False,
         gated_linear_unit=True, activation_func=activation(tc.hidden_act), layernorm_epsilon=tc.rms_norm_eps,
         mrope_section=list(mrope), pipeline_model_parallel_size=pp, context_parallel_size=cp,
         sequence_parallel=sequence_parallel, num_layers_in_first_pipeline_stage=first_stage_layers,
-        **{**common, **(language_overrides or {})},
+        **{**common, **fused, **(language_overrides or {})},
     )
     vhead = vc.hidden_size // vc.num_heads
     vision = TransformerConfig(
         num_layers=vc.depth, hidden_size=vc.hidden_size, num_attention_heads=vc.num_heads,
         num_query_groups=vc.num_heads, kv_channels=vhead, ffn_hidden_size=vc.intermediate_size,
         add_qkv_bias=True, add_bias_linear=True, gated_linear_unit=True, activation_func=activation(vc.hidden_act),
-        layernorm_epsilon=VISION_RMS_EPS, pipeline_model_parallel_size=1, context_parallel_size=1, **common,
+        layernorm_epsilon=VISION_RMS_EPS, pipeline_model_parallel_size=1, context_parallel_size=1,
+        **{**common, **fused},
     )
     projector = TransformerConfig(
         num_layers=1, hidden_size=vc.out_hidden_size, num_attention_heads=tp, ffn_hidden_size=vc.hidden_size * merge**2,

@@ -8,6 +8,7 @@ import torch
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
+from torch.utils.checkpoint import checkpoint
 
 from megatron_mmpl.models.qwen25vl.configs import VisionDims
 from megatron_mmpl.models.qwen25vl.specs import (
@@ -24,7 +25,16 @@ from megatron_mmpl.models.qwen25vl.vision_geometry import (
 
 
 class Qwen25VisionModel(MegatronModule):
-    """pixel_values [n_patches, C·T·P·P] + grid_thw [n, 3] → merged tokens [n_patches / m², LM hidden]."""
+    """pixel_values [n_patches, C·T·P·P] + grid_thw [n, 3] → merged tokens [n_patches / m², LM hidden].
+
+    With `recompute` (the trainer sets it from model.vit_recompute=full) a training forward encodes whole images
+    `chunk_patches` patches at a time, each chunk under activation checkpointing: nothing of the tower is kept
+    between forward and backward, and the backward rebuilds one chunk at a time. Images never attend across one
+    another (windows and full-attention segments lie inside a frame), so chunking does not change the result.
+    """
+
+    recompute: bool = False
+    chunk_patches: int = 16384
 
     def __init__(self, config, projector_config, dims: VisionDims, layer_spec):
         super().__init__(config=config)
@@ -43,7 +53,7 @@ class Qwen25VisionModel(MegatronModule):
         )
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        d, unit = self.dims, self.merge_unit
+        d = self.dims
         grid_thw = torch.as_tensor(grid_thw).view(-1, 3).cpu()
         n = int(grid_thw.prod(-1).sum())
         if pixel_values.dim() != 2 or pixel_values.shape != (n, d.patch_dim):
@@ -55,6 +65,15 @@ class Qwen25VisionModel(MegatronModule):
         if bad.any():
             raise ValueError(f"grid_thw rows {grid_thw[bad].tolist()}: h and w must be multiples of "
                              f"spatial_merge_size={d.spatial_merge_size}")
+        if self.recompute and self.training and torch.is_grad_enabled():
+            parts = [checkpoint(self._encode, pixel_values[a:b], grid_thw[i:j], use_reentrant=False)
+                     for (i, j), (a, b) in image_chunks(grid_thw, self.chunk_patches)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._encode(pixel_values, grid_thw)
+
+    def _encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        d, unit = self.dims, self.merge_unit
+        n = pixel_values.shape[0]
         x = pixel_values.to(self.patch_embed.weight.dtype).view(
             n, d.in_channels, d.temporal_patch_size, d.patch_size, d.patch_size
         )
@@ -79,3 +98,16 @@ class Qwen25VisionModel(MegatronModule):
             full=packed_seq_params(frame_cu_seqlens(grid_thw).to(device)),
         )
         return order, perm, rope, segs
+
+
+def image_chunks(grid_thw: torch.Tensor, max_patches: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Consecutive images grouped up to `max_patches` patches: [((first image, end), (first row, end row))]."""
+    sizes = [int(t * h * w) for t, h, w in grid_thw.tolist()]
+    out, start, row, acc = [], 0, 0, 0
+    for i, n in enumerate(sizes):
+        if acc and acc + n > max_patches:
+            out.append(((start, i), (row, row + acc)))
+            start, row, acc = i, row + acc, 0
+        acc += n
+    out.append(((start, len(sizes)), (row, row + acc)))
+    return out

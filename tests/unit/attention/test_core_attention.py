@@ -12,7 +12,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron_mmpl.attention.core_attention import CoreAttention
 from megatron_mmpl.attention.flex import document_block_mask, flex_packed
 from megatron_mmpl.attention.sdpa import sdpa_blocks
-from megatron_mmpl.attention.segments import plan_blocks, token_coords
+from megatron_mmpl.attention.segments import group_blocks, plan_blocks, token_coords
 from megatron_mmpl.parallel.context_parallel import pad_cu_seqlens, zigzag_index
 
 pytestmark = pytest.mark.unit
@@ -115,7 +115,8 @@ def test_cp_blocks_reproduce_full_attention_on_each_share(cp, causal):
     for rank in range(cp):
         idx = zigzag_index(cu, rank, cp)
         blocks = plan_blocks(cu, causal, rank, cp)
-        out = sdpa_blocks(q[idx], k, v, blocks, 1 / math.sqrt(D)).reshape(len(idx), 1, -1)
+        out = sdpa_blocks(q[idx], k, v, group_blocks(blocks, "cpu"), 1 / math.sqrt(D))
+        out = out.reshape(len(idx), 1, -1)
         assert (out - ref[idx]).abs().max() <= TOL, ("sdpa", rank)
         coords = token_coords(blocks, cu, "cpu")
         mask = document_block_mask(("t", tuple(cu), rank, cp, causal), lambda c=coords: c, causal)
@@ -134,3 +135,21 @@ def test_backend_selection():
     assert auto_backend("cuda", 1000, 100) == "flex" and auto_backend("cuda", 2, 65536) == "sdpa"
     with pytest.raises(ValueError, match="not one of"):
         set_attention_backend(_config(), "flash")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_equal_blocks_run_batched_and_land_in_row_order(causal):
+    """ViT-like rows: many equal windows with smaller edge windows between them (gathered groups), and equal
+    back-to-back frames (a view): grouped SDPA equals per-segment attention, rows in their own order."""
+    windows = [0]
+    for size in [16, 16, 16, 12] * 3 + [9]:
+        windows.append(windows[-1] + size)
+    frames = [0, 20, 40, 60]
+    for cu in (windows, frames):
+        q, k, v = _qkv(cu[-1], b=2, seed=3)
+        plan = group_blocks(plan_blocks(cu, causal), "cpu")
+        assert len(plan.groups) == len(set(b - a for a, b in zip(cu[:-1], cu[1:])))
+        out = sdpa_blocks(q, k, v, plan, 1 / math.sqrt(D)).reshape(cu[-1], 2, -1)
+        assert (out - _reference(q, k, v, cu, causal)).abs().max() <= TOL
+    assert group_blocks(plan_blocks(frames, causal), "cpu").groups[0].q_rows is None  # frames: a view, no gather
+    assert group_blocks(plan_blocks(frames, causal), "cpu").inverse is None

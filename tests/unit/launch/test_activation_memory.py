@@ -1,7 +1,7 @@
 """The planner's per-layer activation formula equals, to the byte, what autograd keeps for one real LM layer and
 one ViT block of this trainer (megatron local layer + CoreAttention), at TP=2 with sequence parallel (LM), for
-recompute none / selective / full; fp32 on CPU (so with torch's composite RMSNorm: fused_norm=False). On a GPU:
-the same at the Qwen2.5-VL-7B shapes in bf16 with fused_norm=True (flash/cuDNN attention, CUDA rms_norm)."""
+recompute none / selective / full; fp32 on CPU (unfused kernels: cuda=False). On a GPU: the same at the
+Qwen2.5-VL-7B shapes in bf16 with cuda=True (flash/cuDNN attention, CUDA rms_norm, fused SwiGLU, compiled RoPE)."""
 
 import pytest
 import torch
@@ -12,7 +12,8 @@ pytestmark = pytest.mark.distributed
 
 SEQ = 512
 CU = [0, 200, 512]  # two packed samples (LM); the ViT gets three windows
-CU_VIT = [0, 64, 128, 512]
+VIT_WINDOWS_8K = tuple(torch.tensor([0] + ([64] * 7 + [48]) * 16 + [64] * 4).cumsum(0).tolist())  # like a page row
+CU_VIT = [0, 64, 112, 176, 224, 288, 336, 400, 448, 512]  # windows 64, 48, ...: each size gathered into a batch
 
 
 def _shape_dict(preset: str = "tiny"):
@@ -100,10 +101,14 @@ def test_formula_matches_saved_tensors():
     measured = run_distributed(_measure, 2, 2, timeout=300)
     for rank_result in measured:
         for recompute in ("none", "selective"):
-            lm = lm_layer_activation_bytes(m, 2, True, recompute, elem=4, fused_norm=False)
-            vit = vit_block_activation_bytes(m, 2, recompute, elem=4, fused_norm=False)
+            lm = lm_layer_activation_bytes(m, 2, True, recompute, elem=4, cuda=False)
+            vit = vit_block_activation_bytes(m, 2, recompute, elem=4, cuda=False, windowed=True)
             assert rank_result[f"lm_{recompute}"] == pytest.approx(lm, rel=1e-4), (recompute, rank_result, lm)
-            assert rank_result[f"vit_{recompute}"] == pytest.approx(vit, rel=1e-4), (recompute, rank_result, vit)
+            # gathered windows also keep the grouped plan's int64 row indices (q rows, kv rows, inverse order):
+            # one copy per forward, shared by every block, so per block of a real ViT they are not counted
+            shared = 3 * 8 if recompute == "none" else 0
+            assert rank_result[f"vit_{recompute}"] - shared == pytest.approx(vit, rel=1e-4), (recompute, rank_result,
+                                                                                              vit)
         # full: the block keeps the layer input (SP rows) plus the RoPE table (whole row, fp32), once per chunk
         full = lm_layer_activation_bytes(m, 2, True, "full", elem=4) + 4 * m.head_dim
         assert rank_result["lm_full"] == pytest.approx(full, rel=1e-4), (rank_result, full)
@@ -112,16 +117,16 @@ def test_formula_matches_saved_tensors():
 @pytest.mark.gpu
 def test_formula_matches_saved_tensors_7b_bf16_on_gpu():
     """Qwen2.5-VL-7B layer and ViT block, bf16 on one GPU, 8K tokens in 3 samples / 8K patches in 64-patch
-    windows: the planner's numbers (fused_norm=True) within 2 % of what autograd keeps."""
+    windows: the planner's numbers (cuda=True) within 2 % of what autograd keeps."""
     from megatron_mmpl.config.plan import ModelShape, lm_layer_activation_bytes, vit_block_activation_bytes
 
     m = ModelShape.from_hf_dict(_shape_dict("qwen25vl-7b"))
     seq = 8192
     (got,) = run_distributed(_measure, 1, 1, "qwen25vl-7b", seq, (0, 1000, 5000, seq),
-                             tuple(range(0, seq + 1, 64)), True, timeout=600)
+                             VIT_WINDOWS_8K, True, timeout=600)
     for recompute in ("none", "selective"):
         lm = lm_layer_activation_bytes(m, 1, False, recompute)
-        vit = vit_block_activation_bytes(m, 1, recompute)
+        vit = vit_block_activation_bytes(m, 1, recompute, windowed=True)
         assert got[f"lm_{recompute}"] == pytest.approx(lm, rel=0.02), (recompute, got, lm)
         assert got[f"vit_{recompute}"] == pytest.approx(vit, rel=0.02), (recompute, got, vit)
     assert got["lm_full"] == pytest.approx(lm_layer_activation_bytes(m, 1, False, "full") + 4 * m.head_dim, rel=0.02)
