@@ -174,6 +174,11 @@ class LoggingConfig:
     """W&B run name (null: the run dir's name)."""
     progress_bar: bool = True
     """Show a tqdm bar when stdout is a terminal."""
+    phase_times: bool = False
+    """On CUDA: log per-step GPU time of ViT forward, LM forward, LM backward, ViT backward and the optimizer
+    (CUDA events from module hooks; one device sync per step)."""
+    profile_steps: list[int] | None = None
+    """[first, last] step to record with torch.profiler into <run_dir>/profile (trace.json, kernels.txt)."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s per device for MFU (null: known GPUs by name, e.g. H100 989; none on CPU)."""
 

@@ -68,6 +68,9 @@ def validate_config(cfg: Config) -> None:
     if warmup_steps(cfg) >= train_steps(cfg):
         raise ConfigError(f"optim.warmup={o.warmup} gives {warmup_steps(cfg)} warmup steps, not fewer than the "
                           f"{train_steps(cfg)} train steps")
+    prof = cfg.logging.profile_steps
+    if prof is not None and (len(prof) != 2 or not 1 <= prof[0] <= prof[1]):
+        raise ConfigError(f"logging.profile_steps={prof} must be [first, last] with 1 <= first <= last")
     m = cfg.model
     if m.freeze_vision and m.freeze_merger and m.freeze_llm:
         raise ConfigError("model.freeze_vision, freeze_merger and freeze_llm are all true: nothing to train")

@@ -26,6 +26,7 @@ from megatron_mmpl.training.logger import RunLogger
 from megatron_mmpl.training.memory import plan_this_run, planned_vs_measured, use_expandable_segments
 from megatron_mmpl.training.optimizer import DTYPES, build_optimizer, current_lr, freeze, wrap_ddp
 from megatron_mmpl.training.signals import StopSignal
+from megatron_mmpl.training.step_profile import PhaseTimer, start_profiler, stop_profiler
 
 
 @dataclass
@@ -134,8 +135,15 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     peak = peak_tflops(cfg.logging.peak_tflops)
     window = _Window()
     end = total_steps if max_steps is None else min(total_steps, max_steps)
+    timer = PhaseTimer(module) if cfg.logging.phase_times and torch.cuda.is_available() else None
+    prof_first, prof_last = cfg.logging.profile_steps or (0, -1)
+    prof = None
     try:
         while state.step < end:
+            if state.step + 1 == prof_first:
+                prof = start_profiler(cfg.run_dir)
+            if timer is not None:
+                timer.reset()
             t0 = time.perf_counter()
             step_fn.stats.reset()
             model.zero_grad_buffer()
@@ -145,7 +153,11 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
                 seq_length=d.max_seq_len, micro_batch_size=d.micro_batch_size, forward_only=False,
             )
             lr = current_lr(optimizer)  # the rate this step applies
+            if timer is not None:
+                timer.mark("opt0")
             ok, grad_norm, _ = optimizer.step()
+            if timer is not None:
+                timer.mark("opt1")
             if ok:
                 scheduler.step(1)
             state.step += 1
@@ -166,7 +178,11 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
             result.losses[state.step] = loss
             result.step = state.step
             window.add(loss, grad_norm, totals[2].item(), totals[3].item(), totals[4].item(), waits[0].item(),
-                       time.perf_counter() - t0, waits[1].item())
+                       time.perf_counter() - t0, waits[1].item(), timer.seconds() if timer is not None else None)
+            if prof is not None and state.step == prof_last:
+                log.print(f"[mmpl train] profile of steps {prof_first}-{prof_last}: "
+                          f"{stop_profiler(prof, cfg.run_dir, prof_last - prof_first + 1)}")
+                prof = None
             log.advance(state.step, loss)
             if state.step == first_step and torch.cuda.is_available():
                 log.print(f"[mmpl train] {planned_vs_measured(memory_plan)}")
@@ -183,6 +199,8 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
                 log.print(f"[mmpl train] stop signal: saved step {state.step} to {result.checkpoint}; exiting")
                 break
     finally:
+        if timer is not None:
+            timer.close()
         signals.restore()
         log.close()
         close = getattr(batches, "close", None)
@@ -215,8 +233,9 @@ class _Window:
         self.n, self.loss, self.grad, self.tokens, self.lm, self.vit, self.wait, self.time = 0, 0.0, 0.0, 0.0, \
             0.0, 0.0, 0.0, 0.0
         self.mem = 0.0
+        self.phases: dict[str, float] = {}
 
-    def add(self, loss, grad_norm, tokens, lm_flops, vit_flops, wait, seconds, mem_gib):
+    def add(self, loss, grad_norm, tokens, lm_flops, vit_flops, wait, seconds, mem_gib, phases=None):
         self.n += 1
         self.loss += loss
         self.grad += float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else 0.0
@@ -226,6 +245,8 @@ class _Window:
         self.wait += wait
         self.time += seconds
         self.mem = max(self.mem, mem_gib)
+        for k, v in (phases or {}).items():
+            self.phases[k] = self.phases.get(k, 0.0) + v
 
     def metrics(self, lr: float, world_size: int, peak: float | None) -> dict:
         t = max(self.time, 1e-9)
@@ -235,7 +256,8 @@ class _Window:
             "loss": self.loss / self.n, "lr": lr, "grad_norm": self.grad / self.n, "tokens_per_s": self.tokens / t,
             "tflops_per_gpu": tflops, "vit_tflops_per_gpu": vit,
             "mfu": tflops / peak if peak else None, "vit_mfu": vit / peak if peak else None, "max_mem_gib": self.mem,
-            "data_wait": self.wait / t,
+            "data_wait": self.wait / t, **{f"{k}_s": v / self.n for k, v in self.phases.items()},
+            "step_s": t / self.n,
         }
 
 

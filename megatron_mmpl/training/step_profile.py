@@ -1,0 +1,92 @@
+"""Where a training step's GPU time goes: CUDA-event phase times (ViT forward, LM forward, LM backward, ViT
+backward, optimizer) and an optional torch.profiler trace of chosen steps (`logging.profile_steps`)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+PHASES = ("vit_fwd", "lm_fwd", "lm_bwd", "vit_bwd", "optimizer")
+
+
+class PhaseTimer:
+    """CUDA events at phase boundaries, from module hooks: ViT forward start/end (= LM forward start), LM forward
+    end, the gradient reaching the ViT output (LM backward done) and the patch embedding output (ViT backward
+    done); the trainer marks the optimizer step. Summed over the step's micro-batches; read once per step."""
+
+    def __init__(self, module):
+        self.marks: dict[str, list] = {}
+        self.handles = []
+        vit = getattr(module, "vision_model", None)
+        if vit is not None:
+            self.handles.append(vit.register_forward_pre_hook(lambda m, a: self.mark("vit_f0")))
+            self.handles.append(vit.register_forward_hook(self._vit_out))
+            self.handles.append(vit.patch_embed.register_forward_hook(self._patch_out))
+        self.handles.append(module.language_model.register_forward_pre_hook(lambda m, a, k: self.mark("lm_f0"),
+                                                                            with_kwargs=True))
+        self.handles.append(module.language_model.register_forward_hook(lambda m, a, o: self.mark("lm_f1")))
+
+    def mark(self, name: str) -> None:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self.marks.setdefault(name, []).append(ev)
+
+    def _vit_out(self, module, args, out):
+        self.mark("vit_f1")
+        if out.requires_grad:
+            out.register_hook(lambda g: self.mark("vit_b0"))
+
+    def _patch_out(self, module, args, out):
+        if out.requires_grad and torch.is_grad_enabled():
+            out.register_hook(lambda g: self.mark("vit_b1"))
+
+    def reset(self) -> None:
+        self.marks = {}
+
+    def seconds(self) -> dict[str, float]:
+        """Phase times of the step just finished (synchronises)."""
+        torch.cuda.synchronize()
+        m = self.marks
+
+        def span(a: str, b: str, last: bool = False) -> float:
+            if a not in m or b not in m:
+                return 0.0
+            ends = m[b] if not last else [m[b][-1]]
+            return sum(x.elapsed_time(y) for x, y in zip(m[a], ends)) / 1e3
+
+        out = {"vit_fwd": span("vit_f0", "vit_f1"), "lm_fwd": span("lm_f0", "lm_f1")}
+        # backward: LM from the end of its forward to the gradient at the ViT output, then the ViT's rest
+        out["lm_bwd"] = span("lm_f1", "vit_b0") if "vit_b0" in m else 0.0
+        out["vit_bwd"] = span("vit_b0", "vit_b1", last=True) if "vit_b1" in m else 0.0
+        out["optimizer"] = span("opt0", "opt1")
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def start_profiler(run_dir: str):
+    """A torch.profiler session (CPU + CUDA activity, shapes) that `stop_profiler` writes out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=acts, record_shapes=False, with_stack=False)
+    prof.__enter__()
+    return prof
+
+
+def stop_profiler(prof, run_dir: str, steps: int) -> str:
+    """Writes <run_dir>/profile/trace.json (chrome://tracing, Perfetto) and kernels.txt (top ops by device
+    time, per step); returns the table's path."""
+    prof.__exit__(None, None, None)
+    out = os.path.join(run_dir, "profile")
+    os.makedirs(out, exist_ok=True)
+    prof.export_chrome_trace(os.path.join(out, "trace.json"))
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90)
+    path = os.path.join(out, "kernels.txt")
+    with open(path, "w") as f:
+        f.write(f"# torch.profiler over {steps} step(s), sorted by {key}\n{table}\n")
+    return path
