@@ -59,17 +59,17 @@ def train_config(args, seq: int, run_dir: str):
 def _known(override: str) -> bool:
     """Whether this package's config has the field (so an older checkout, --code DIR, runs the same bench)."""
     import dataclasses
+    import typing
 
     from megatron_mmpl.config import Config
 
-    obj, *path = override.split("=")[0].split(".")
     cls = Config
-    for part in [obj, *path]:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
+    for part in override.split("=")[0].split("."):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
             return False
-        cls = fields[part].type if dataclasses.is_dataclass(fields[part].type) else None
-        if cls is None:
+        cls = hints[part]
+        if not dataclasses.is_dataclass(cls):
             return True
     return True
 

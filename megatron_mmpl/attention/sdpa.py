@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from megatron_mmpl.attention.segments import GroupPlan
+from megatron_mmpl.attention.segments import GroupPlan, permute_rows
 
 # On GPU SDPA takes GQA as is (enable_gqa: measured as fast as repeated heads, with less memory —
 # benchmarks/bench_attention.py, sdpa vs sdpa-gqa); MMPL_SDPA_EXPAND_KV=1 repeats K/V heads instead.
@@ -34,6 +34,8 @@ def sdpa_blocks(q, k, v, plan: GroupPlan, scale: float, dropout_p: float = 0.0) 
     b, nq, d = q.shape[1:]
     groups = nq // k.shape[2]
     expand = groups > 1 and q.is_cuda and EXPAND_KV_ON_GPU
+    if plan.perm is not None:  # self-attention: one reorder puts every group's rows back to back
+        q, k, v = (permute_rows(t, plan.perm, plan.inverse) for t in (q, k, v))
     outs = []
     for g in plan.groups:
         qs = _take(q, g.q_start, g.q_rows, g.n, g.q_len)
@@ -52,6 +54,8 @@ def sdpa_blocks(q, k, v, plan: GroupPlan, scale: float, dropout_p: float = 0.0) 
         )  # [n·b, nq, len, d]
         outs.append(out.view(g.n, b, nq, g.q_len, d).permute(0, 3, 1, 2, 4).reshape(g.n * g.q_len, b, nq, d))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # [sq, b, nq, d] in group order
+    if plan.perm is not None:
+        return permute_rows(out, plan.inverse, plan.perm)
     return out if plan.inverse is None else out.index_select(0, plan.inverse)
 
 

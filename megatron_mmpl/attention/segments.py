@@ -76,8 +76,8 @@ def token_coords(blocks: list[Block], cu: list[int], device) -> tuple[torch.Tens
 class BlockGroup:
     """Blocks of one shape (q_len, kv_len, causal), run as one batched attention call.
 
-    `q_rows` / `kv_rows` [n·q_len] / [n·kv_len] int64 gather the group's rows; None when the n blocks sit back to
-    back from `q_start` / `kv_start` (then a view, no copy).
+    The n blocks sit back to back from `q_start` / `kv_start` (after the plan's `perm`, if any), or, when
+    `q_rows` / `kv_rows` are given ([n·q_len] / [n·kv_len] int64), are gathered by them (CP: key ranges overlap).
     """
 
     n: int
@@ -86,16 +86,18 @@ class BlockGroup:
     causal: bool
     q_start: int
     kv_start: int
-    q_rows: torch.Tensor | None
-    kv_rows: torch.Tensor | None
+    q_rows: torch.Tensor | None = None
+    kv_rows: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class GroupPlan:
-    """All blocks of a forward grouped by shape; `inverse` puts the groups' outputs back in row order (None: the
-    groups already come out in row order)."""
+    """All blocks of a forward grouped by shape. Self-attention rows (each block's keys are its own rows) are
+    reordered once by `perm` so every group is back to back, and the output put back by `inverse`; under CP the
+    groups gather their own rows and only `inverse` is used. None: already in order."""
 
     groups: tuple[BlockGroup, ...]
+    perm: torch.Tensor | None
     inverse: torch.Tensor | None
 
 
@@ -112,17 +114,52 @@ def group_blocks(blocks: list[Block], device) -> GroupPlan:
     by_shape: dict[tuple[int, int, bool], list[Block]] = {}
     for blk in blocks:
         by_shape.setdefault((blk.q_len, blk.kv_len, blk.causal), []).append(blk)
-    groups, q_order = [], []
+    own_keys = all(b.q_start == b.kv_start and b.q_len == b.kv_len for b in blocks)
+    order = torch.cat([_rows([b.q_start for b in bl], q) for (q, _, _), bl in by_shape.items()]) if blocks \
+        else torch.zeros(0, dtype=torch.int64)
+    in_order = bool(torch.equal(order, torch.arange(order.numel())))
+    groups, offset = [], 0
     for (q_len, kv_len, causal), blks in by_shape.items():
         qs, ks = [b.q_start for b in blks], [b.kv_start for b in blks]
-        q_view = _back_to_back(qs, q_len)
-        kv_view = _back_to_back(ks, kv_len)
-        groups.append(BlockGroup(
-            n=len(blks), q_len=q_len, kv_len=kv_len, causal=causal, q_start=qs[0], kv_start=ks[0],
-            q_rows=None if q_view else _rows(qs, q_len).to(device),
-            kv_rows=None if kv_view else _rows(ks, kv_len).to(device),
-        ))
-        q_order.append(_rows(qs, q_len))
-    order = torch.cat(q_order) if q_order else torch.zeros(0, dtype=torch.int64)
-    in_order = bool(torch.equal(order, torch.arange(order.numel())))
-    return GroupPlan(tuple(groups), None if in_order else torch.argsort(order).to(device))
+        if own_keys:  # contiguous after the plan's permutation
+            start = qs[0] if in_order else offset
+            groups.append(BlockGroup(len(blks), q_len, kv_len, causal, start, start))
+        else:
+            groups.append(BlockGroup(
+                len(blks), q_len, kv_len, causal, qs[0], ks[0],
+                q_rows=None if _back_to_back(qs, q_len) else to_device(_rows(qs, q_len), device),
+                kv_rows=None if _back_to_back(ks, kv_len) else to_device(_rows(ks, kv_len), device),
+            ))
+        offset += len(blks) * q_len
+    if in_order:
+        return GroupPlan(tuple(groups), None, None)
+    inverse = to_device(torch.argsort(order), device)
+    return GroupPlan(tuple(groups), to_device(order, device) if own_keys else None, inverse)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on `device` without stalling the host: pinned and copied asynchronously on CUDA (a
+    pageable copy would wait for all queued GPU work first)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] along dim 0 for a permutation: the backward is the gather by its inverse (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[perm] (dim 0), differentiable; `inverse` = argsort(perm)."""
+    return _PermuteRows.apply(x, perm, inverse)

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from megatron_mmpl.config.load import ConfigError
 from megatron_mmpl.config.schema import Config
 from megatron_mmpl.config.validate import train_steps, validate_config, validate_layout, warmup_steps
+from megatron_mmpl.models.qwen25vl.padding import padded_vit_ffn
 
 # Positions per chunk of the training loss (models/qwen25vl/language_model.py: LanguageModel.loss_chunk_tokens);
 # a literal here keeps the planner free of torch/megatron imports. tests/unit/launch checks they agree.
@@ -89,7 +90,7 @@ class ModelShape:
             kv_groups=text.get("num_key_value_heads") or text["num_attention_heads"],
             ffn=text["intermediate_size"], vocab=text["vocab_size"], tied=bool(tied),
             vit_depth=vis["depth"], vit_hidden=vis["hidden_size"], vit_heads=vis["num_heads"],
-            vit_ffn=vis["intermediate_size"],
+            vit_ffn=padded_vit_ffn(vis["intermediate_size"]),  # as built (zero-padded)
             patch_dim=channels * vis.get("temporal_patch_size", 2) * vis.get("patch_size", 14) ** 2,
             merge=vis.get("spatial_merge_size", 2), vit_full_layers=len(vis.get("fullatt_block_indexes", ())), raw=raw,
         )
@@ -113,9 +114,10 @@ def lm_layer_params(m: ModelShape) -> tuple[int, int]:
     return sharded, 2 * m.hidden
 
 
-def vit_block_params(m: ModelShape) -> tuple[int, int]:
-    """(TP-sharded, replicated) parameters of one ViT block: QKV + bias, proj, gated MLP with biases, 2 norms."""
-    h, f = m.vit_hidden, m.vit_ffn
+def vit_block_params(m: ModelShape, as_built: bool = True) -> tuple[int, int]:
+    """(TP-sharded, replicated) parameters of one ViT block: QKV + bias, proj, gated MLP with biases, 2 norms;
+    the MLP as built (zero-padded) or, `as_built=False`, as in the checkpoint."""
+    h, f = m.vit_hidden, m.vit_ffn if as_built else m.raw["vision_config"]["intermediate_size"]
     sharded = 3 * h * h + 3 * h + h * h + 2 * h * f + 2 * f + f * h
     return sharded, h + h + 2 * h  # row-parallel biases (proj, fc2) and the two norms
 
@@ -131,7 +133,7 @@ def total_params(m: ModelShape) -> int:
     layer = sum(lm_layer_params(m))
     lm = m.layers * layer + m.vocab * m.hidden * (1 if m.tied else 2) + m.hidden
     patch, merger_s, merger_r = vit_extra_params(m)
-    return lm + m.vit_depth * sum(vit_block_params(m)) + patch + merger_s + merger_r
+    return lm + m.vit_depth * sum(vit_block_params(m, as_built=False)) + patch + merger_s + merger_r
 
 
 # ------------------------------------------------------------------------------------------- activations
@@ -317,14 +319,16 @@ def choose_recompute(cfg: Config, hw: Hardware, m: ModelShape) -> tuple[Config, 
     import copy
 
     chosen = None
-    for cand in recompute_candidates(cfg, m):
-        trial = copy.deepcopy(cfg)
-        for k, v in cand.items():
-            setattr(trial.model, k, v)
-        chosen = trial
-        if plan_config(trial, hw, shape=m).fits:
-            break
-    return chosen, f"model.recompute=auto chose {recompute_label(chosen)}"
+    vit_modes = [cfg.model.vit_recompute] + (["chunked"] if cfg.model.vit_recompute == "full" else [])
+    for vit in vit_modes:  # the ViT's own setting first; chunked only when nothing else fits
+        for cand in recompute_candidates(cfg, m):
+            trial = copy.deepcopy(cfg)
+            for k, v in {**cand, "vit_recompute": vit}.items():
+                setattr(trial.model, k, v)
+            chosen = trial
+            if plan_config(trial, hw, shape=m).fits:
+                return chosen, f"model.recompute=auto chose {recompute_label(chosen)}, ViT {vit}"
+    return chosen, f"model.recompute=auto: nothing fits; planned the leanest, {recompute_label(chosen)}, ViT {vit}"
 
 
 def recompute_label(cfg: Config) -> str:
@@ -415,17 +419,20 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelShape | N
         transient = lm_work
         if i == 0:
             vit_trains = not mc.freeze_vision
-            if vit_trains and mc.vit_recompute == "full":
+            if vit_trains and mc.vit_recompute == "chunked":
                 # whole images in chunks, each rebuilt in its own backward: nothing kept, one chunk's blocks live
                 vit_kept = 0.0
                 vit_work = min(mc.vit_chunk_patches, patches_local) * (m.vit_depth * v_none
                                                                       + merger_activation_bytes(m, tp, elem))
+            elif vit_trains and mc.vit_recompute == "full":  # megatron's per-block recompute: block inputs kept
+                vit_kept = m.vit_depth * vit_block_activation_bytes(m, tp, "full", elem) * patches_local
+                vit_work = 2 * v_none * patches_local  # one block rebuilt + its gradient temporaries
             elif vit_trains:
                 vit_kept = m.vit_depth * v_none * patches_local
                 vit_work = v_none * patches_local
             else:
                 vit_kept, vit_work = 0.0, 0.0  # frozen: no graph through the blocks
-            if not mc.freeze_merger and not (vit_trains and mc.vit_recompute == "full"):
+            if not mc.freeze_merger and not (vit_trains and mc.vit_recompute == "chunked"):
                 vit_kept += merger_activation_bytes(m, tp, elem) * patches_local
             st.terms["vit_activations"] = vit_kept * in_flight
             st.terms["pixels"] = 4 * m.patch_dim * patches * (in_flight if vit_trains else 1)
@@ -443,7 +450,8 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelShape | N
         params=total_params(m), stages=stages, tokens_per_step=d.global_batch_size * d.max_seq_len,
         train_steps=steps, warmup_steps=warmup_steps(cfg), train_tokens=cfg.schedule.train_tokens,
     )
-    plan.model_settings = {k: getattr(mc, k) for k in ("recompute", "recompute_method", "recompute_num_layers")}
+    plan.model_settings = {k: getattr(mc, k) for k in ("recompute", "recompute_method", "recompute_num_layers",
+                                                       "vit_recompute")}
     if pp > 1 and micro_batches < pp:
         plan.notes.append(f"{micro_batches} micro-batches per step for {pp} pipeline stages: most of each step is "
                           f"pipeline bubble; raise data.global_batch_size to >= {pp * rows * dp}")

@@ -39,10 +39,13 @@ class ModelConfig:
     recompute_num_layers: int = 1
     """With recompute=full: layers per recompute chunk (uniform) or recomputed layers per stage (block)."""
     vit_recompute: str = "full"
-    """ViT activation recompute: full (the ViT's forward is rerun in the backward, `vit_chunk_patches` patches
-    of whole images at a time, keeping nothing between) | none (every block keeps its activations)."""
-    vit_chunk_patches: int = 16384
-    """Patches of whole images per ViT recompute chunk (an image larger than this is a chunk of its own)."""
+    """ViT activation recompute: full (megatron's per-block recompute over all the micro-batch's images: each
+    block keeps its input) | chunked (the whole ViT rerun in the backward, `vit_chunk_patches` patches of whole
+    images at a time: nothing kept, for rows too long to keep a block input per patch) | none. With
+    model.recompute=auto the planner may switch full to chunked when that is what fits."""
+    vit_chunk_patches: int = 32768
+    """With vit_recompute=chunked: patches of whole images per chunk (an image larger than this is a chunk of its
+    own)."""
     fused_kernels: bool = True
     """On CUDA: megatron's fused SwiGLU (LM and ViT MLPs) and a compiled RoPE kernel in megatron's fused-RoPE
     slot (TE is not needed). No effect on CPU."""

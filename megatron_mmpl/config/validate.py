@@ -12,7 +12,7 @@ _CHOICES = {
     "model.dtype": ("bf16", "fp16", "fp32"),
     "model.recompute": ("auto", "none", "selective", "full"),
     "model.recompute_method": ("uniform", "block"),
-    "model.vit_recompute": ("full", "none"),
+    "model.vit_recompute": ("full", "chunked", "none"),
     "model.attention_backend": ("auto", "sdpa", "flex", "te"),
     "optim.decay_style": ("cosine", "linear", "constant"),
 }
@@ -109,6 +109,8 @@ def validate_layout(cfg: Config, world_size: int, hf=None) -> int:
     if d.global_batch_size % (d.micro_batch_size * dp):
         raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
                           f"micro_batch_size*dp={d.micro_batch_size}*{dp}")
+    from megatron_mmpl.models.qwen25vl.padding import padded_vit_ffn
+
     if hf is None:
         from megatron_mmpl.config.hf_config import resolve_hf_config
 
@@ -120,7 +122,7 @@ def validate_layout(cfg: Config, world_size: int, hf=None) -> int:
         "LM KV groups": text.num_key_value_heads,
         "LM FFN size": text.intermediate_size,
         "ViT heads": vision.num_heads,
-        "ViT FFN size": vision.intermediate_size,
+        "ViT FFN size (built zero-padded, models/qwen25vl/padding.py)": padded_vit_ffn(vision.intermediate_size),
         "merger hidden size": vision.hidden_size * vision.spatial_merge_size**2,
         "vocab size": text.vocab_size,
     }

@@ -56,6 +56,23 @@ FUSED_QKV = Transform(
 GATE_UP = Transform("gate_up", lambda ts, d: torch.cat(ts, dim=0), lambda t, d: list(t.chunk(2, dim=0)))
 
 
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if rows > t.shape[0] else t
+
+
+# The ViT MLP as built: zero-padded to `vffn_padded` (models/qwen25vl/padding.py); export drops the padding.
+VIT_GATE_UP = Transform(
+    "vit_gate_up",
+    lambda ts, d: torch.cat([_pad_rows(t, d["vffn_padded"]) for t in ts], dim=0),
+    lambda t, d: [x[: d["vffn"]] for x in t.chunk(2, dim=0)],
+)
+VIT_DOWN = Transform(
+    "vit_down",
+    lambda ts, d: _pad_rows(ts[0].t(), d["vffn_padded"]).t().contiguous(),
+    lambda t, d: [t[:, : d["vffn"]].contiguous()],
+)
+
+
 @dataclass(frozen=True)
 class Rule:
     """MCore name pattern ⇄ HF name pattern(s); `{i}` is a layer/block index, `{lm}`/`{vis}` the HF prefixes.
@@ -95,9 +112,9 @@ RULES: tuple[Rule, ...] = (
     _rule(_V + "self_attention.linear_proj.weight", _HV + "attn.proj.weight"),
     _rule(_V + "self_attention.linear_proj.bias", _HV + "attn.proj.bias"),
     _rule(_V + "pre_mlp_layernorm.weight", _HV + "norm2.weight"),
-    _rule(_V + "mlp.linear_fc1.weight", [_HV + "mlp.gate_proj.weight", _HV + "mlp.up_proj.weight"], GATE_UP),
-    _rule(_V + "mlp.linear_fc1.bias", [_HV + "mlp.gate_proj.bias", _HV + "mlp.up_proj.bias"], GATE_UP),
-    _rule(_V + "mlp.linear_fc2.weight", _HV + "mlp.down_proj.weight"),
+    _rule(_V + "mlp.linear_fc1.weight", [_HV + "mlp.gate_proj.weight", _HV + "mlp.up_proj.weight"], VIT_GATE_UP),
+    _rule(_V + "mlp.linear_fc1.bias", [_HV + "mlp.gate_proj.bias", _HV + "mlp.up_proj.bias"], VIT_GATE_UP),
+    _rule(_V + "mlp.linear_fc2.weight", _HV + "mlp.down_proj.weight", VIT_DOWN),
     _rule(_V + "mlp.linear_fc2.bias", _HV + "mlp.down_proj.bias"),
     _rule("vision_model.decoder.final_layernorm.weight", "{vis}merger.ln_q.weight"),
     _rule("vision_model.projection.encoder.linear_fc1.weight", "{vis}merger.mlp.0.weight"),
@@ -117,6 +134,7 @@ _IGNORED_HF = re.compile(r".*(rotary_emb\.inv_freq|rotary_pos_emb\.inv_freq)$")
 
 def _dims(hf_config) -> dict:
     from megatron_mmpl.models.qwen25vl.configs import as_hf_config, text_config, tie_embeddings
+    from megatron_mmpl.models.qwen25vl.padding import padded_vit_ffn
 
     hf_config = as_hf_config(hf_config)
     tc, vc = text_config(hf_config), hf_config.vision_config
@@ -125,6 +143,7 @@ def _dims(hf_config) -> dict:
         layers=tc.num_hidden_layers, heads=heads, groups=tc.num_key_value_heads or heads,
         head_dim=tc.hidden_size // heads, depth=vc.depth, vheads=vc.num_heads,
         vhead_dim=vc.hidden_size // vc.num_heads, tied=tie_embeddings(hf_config),
+        vffn=vc.intermediate_size, vffn_padded=padded_vit_ffn(vc.intermediate_size),
     )
 
 

@@ -8,9 +8,9 @@ from megatron_mmpl.config import Config
 from megatron_mmpl.training.optimizer import DTYPES
 
 
-def transformer_overrides(cfg: Config) -> tuple[dict, dict]:
-    """TransformerConfig fields the trainer sets: (LM, ViT and merger; LM only). Recompute is the LM's here;
-    the ViT recomputes whole images itself (model.vit_recompute, models/qwen25vl/vision_model.py)."""
+def transformer_overrides(cfg: Config) -> tuple[dict, dict, dict]:
+    """TransformerConfig fields the trainer sets: (all three towers; LM only; ViT only). vit_recompute=chunked
+    is the ViT's own (models/qwen25vl/vision_model.py), not a megatron setting."""
     common = {"calculate_per_token_loss": True}
     if cfg.parallel.pp > 1:
         # Packed rows may differ in length between steps: exchange p2p shapes instead of fixing seq_length.
@@ -24,22 +24,25 @@ def transformer_overrides(cfg: Config) -> tuple[dict, dict]:
     elif m.recompute == "full":
         lm.update(recompute_granularity="full", recompute_method=m.recompute_method,
                   recompute_num_layers=m.recompute_num_layers)
-    return common, lm
+    vit = {}
+    if m.vit_recompute == "full":
+        vit.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return common, lm, vit
 
 
 def build_model_chunk(cfg: Config, hf) -> torch.nn.Module:
     """`models.qwen25vl.build.build_model` for this rank (parallel_state must be initialised)."""
     from megatron_mmpl.models.qwen25vl.build import build_model
 
-    common, lm = transformer_overrides(cfg)
+    common, lm, vit = transformer_overrides(cfg)
     module = build_model(
         hf, first_stage_layers=cfg.parallel.first_stage_layers, sequence_parallel=cfg.parallel.sequence_parallel,
         dtype=DTYPES[cfg.model.dtype],
         attention_backend=None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend,
-        overrides=common, language_overrides=lm, fused_kernels=cfg.model.fused_kernels,
+        overrides=common, language_overrides=lm, vision_overrides=vit, fused_kernels=cfg.model.fused_kernels,
     )
     if module.vision_model is not None:
-        module.vision_model.recompute = cfg.model.vit_recompute == "full"
+        module.vision_model.recompute = cfg.model.vit_recompute == "chunked"
         module.vision_model.chunk_patches = cfg.model.vit_chunk_patches
     if torch.cuda.is_available():
         module.cuda(torch.cuda.current_device())

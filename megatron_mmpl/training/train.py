@@ -129,7 +129,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
         log.print(f"[mmpl train] memory plan: {memory_plan.peak.total / 2**30:.1f} GiB per GPU at peak (stage "
                   f"{memory_plan.peak.stage}) of {memory_plan.hardware.budget_bytes / 2**30:.1f} usable; LM "
                   f"recompute {memory_plan.recompute}, ViT recompute {cfg.model.vit_recompute}")
-    first_step = state.step + 1
+    memory_step = state.step + 2  # the optimizer's state exists from the first step on: its peak shows in the second
     signals = StopSignal()
     result = TrainResult(step=state.step, model=module, optimizer=optimizer)
     peak = peak_tflops(cfg.logging.peak_tflops)
@@ -184,7 +184,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
                           f"{stop_profiler(prof, cfg.run_dir, prof_last - prof_first + 1)}")
                 prof = None
             log.advance(state.step, loss)
-            if state.step == first_step and torch.cuda.is_available():
+            if state.step == min(memory_step, end) and torch.cuda.is_available():
                 log.print(f"[mmpl train] {planned_vs_measured(memory_plan)}")
             if state.step % cfg.logging.interval == 0 or state.step == end:
                 log.log(state.step, window.metrics(lr, world_size, peak))

@@ -131,7 +131,7 @@ def _tp1(ref_bytes, ckpt_dir):
     dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
     vis, batch = model.vision_model, ref["batches"]["images"]
     # ViT block by block, fed HF's block inputs
-    _, _, rope, segs = vis.window_layout(batch["image_grid_thw"], torch.device("cpu"))
+    _, _, _, rope, segs = vis.window_layout(batch["image_grid_thw"], torch.device("cpu"))
     res["block_kinds"] = [layer.full_attention for layer in vis.decoder.layers]
     res["blocks"], res["swapped"] = [], []
     with torch.no_grad():
@@ -175,6 +175,15 @@ def _tp1(ref_bytes, ckpt_dir):
     with torch.no_grad():
         res["tied"] = _max_diff(_run(tied, batch), ref["tied_logits"])
     res["tied_has_output_weight"] = tied.language_model.output_layer.weight is not None
+    # tiny-tied's ViT MLP (60) is built zero-padded to 64: after a backward the padding's gradients are 0
+    tied.train()
+    _run(tied, batch, labels=ref["labels"])
+    mlp = tied.vision_model.decoder.layers[0].mlp
+    width = tied.cfgs.vision.ffn_hidden_size
+    res["pad"] = dict(width=width, fc1=mlp.linear_fc1.weight.grad.view(2, width, -1)[:, 60:].abs().max().item(),
+                      fc1_bias=mlp.linear_fc1.bias.grad.view(2, width)[:, 60:].abs().max().item(),
+                      fc2=mlp.linear_fc2.weight.grad[:, 60:].abs().max().item(),
+                      real=mlp.linear_fc1.weight.grad.abs().max().item())
     return res
 
 
@@ -240,6 +249,8 @@ def test_tp1_matches_transformers(tp1):
     print("logits max|Δ|", res["logits"], "tied", res["tied"])
     assert all(v <= LOGIT_TOL for v in res["logits"].values()), res["logits"]
     assert res["tied"] <= LOGIT_TOL and not res["tied_has_output_weight"]
+    pad = res["pad"]
+    assert pad["width"] == 64 and pad["real"] > 0 and pad["fc1"] == pad["fc1_bias"] == pad["fc2"] == 0.0, pad
     worst = max(res["grad_rel"].items(), key=lambda kv: kv[1])
     print("grad rel err: worst", worst, "over", len(res["grad_rel"]), "tensors")
     assert len(res["grad_rel"]) == len(res["names"])  # every weight, both towers, got a gradient

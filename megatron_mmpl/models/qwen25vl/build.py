@@ -26,6 +26,7 @@ def build_model(
     attention_backend: str | None = None,
     overrides: dict | None = None,
     language_overrides: dict | None = None,
+    vision_overrides: dict | None = None,
     fused_kernels: bool = True,
     vp_stage: int | None = None,
 ) -> Qwen25VLModel:
@@ -40,7 +41,8 @@ def build_model(
         hf_config, tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
         cp=ps.get_context_parallel_world_size(), sequence_parallel=sequence_parallel,
         first_stage_layers=first_stage_layers, dtype=dtype, overrides=overrides,
-        language_overrides=language_overrides, fused_kernels=fused_kernels,
+        language_overrides=language_overrides, vision_overrides=vision_overrides,
+        fused_kernels=fused_kernels,
     )
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage()

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from megatron_mmpl.models.qwen25vl.padding import padded_vit_ffn
+
 # HF activation names → functions (those Qwen2.5-VL checkpoints use, plus close relatives).
 ACTIVATIONS = {
     "silu": F.silu,
@@ -146,15 +148,16 @@ def megatron_configs(
     dtype: torch.dtype = torch.float32,
     overrides: dict | None = None,
     language_overrides: dict | None = None,
+    vision_overrides: dict | None = None,
     fused_kernels: bool = True,
 ) -> Qwen25VLConfigs:
     """Derive the megatron configs of the LM, the ViT and the merger from a Qwen2.5-VL HF config.
 
-    `overrides` are extra TransformerConfig fields applied to all three (e.g. recompute settings);
-    `language_overrides` only to the LM. `first_stage_layers`: LM layers on pipeline stage 0 (which also runs
-    the ViT); the rest are split evenly over the other stages. `fused_kernels` (CUDA only): megatron's fused
-    SwiGLU in the LM and ViT MLPs and a compiled RoPE kernel (compat/cuda_rope.py); the merger keeps its exact
-    GELU (megatron's fused bias-GELU is the tanh approximation).
+    `overrides` are extra TransformerConfig fields applied to all three; `language_overrides` only to the LM,
+    `vision_overrides` only to the ViT blocks (e.g. recompute settings). `first_stage_layers`: LM layers on
+    pipeline stage 0 (which also runs the ViT); the rest are split evenly over the other stages.
+    `fused_kernels` (CUDA only): megatron's fused SwiGLU in the LM and ViT MLPs and a compiled RoPE kernel
+    (compat/cuda_rope.py); the merger keeps its exact GELU (megatron's fused bias-GELU is the tanh approximation).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -172,7 +175,8 @@ def megatron_configs(
     merge = vc.spatial_merge_size
     _check_divisible(
         tp, num_attention_heads=heads, num_key_value_heads=groups, intermediate_size=tc.intermediate_size,
-        vocab_size=tc.vocab_size, vision_num_heads=vc.num_heads, vision_intermediate_size=vc.intermediate_size,
+        vocab_size=tc.vocab_size, vision_num_heads=vc.num_heads,
+        vision_intermediate_size_padded=padded_vit_ffn(vc.intermediate_size),
         merger_hidden=vc.hidden_size * merge**2,
     )
     layers = tc.num_hidden_layers
@@ -224,10 +228,10 @@ def megatron_configs(
     vhead = vc.hidden_size // vc.num_heads
     vision = TransformerConfig(
         num_layers=vc.depth, hidden_size=vc.hidden_size, num_attention_heads=vc.num_heads,
-        num_query_groups=vc.num_heads, kv_channels=vhead, ffn_hidden_size=vc.intermediate_size,
+        num_query_groups=vc.num_heads, kv_channels=vhead, ffn_hidden_size=padded_vit_ffn(vc.intermediate_size),
         add_qkv_bias=True, add_bias_linear=True, gated_linear_unit=True, activation_func=activation(vc.hidden_act),
         layernorm_epsilon=VISION_RMS_EPS, pipeline_model_parallel_size=1, context_parallel_size=1,
-        **{**common, **fused},
+        **{**common, **fused, **(vision_overrides or {})},
     )
     projector = TransformerConfig(
         num_layers=1, hidden_size=vc.out_hidden_size, num_attention_heads=tp, ffn_hidden_size=vc.hidden_size * merge**2,

@@ -46,6 +46,8 @@ TINY_TOKENS = dict(
 
 
 def _tiny(tied: bool) -> dict:
+    # tiny-tied is 3B-like twice over: tied embeddings, and a ViT MLP width that is not a multiple of 64
+    # (3B: 3420), so the zero-padded build (models/qwen25vl/padding.py) is checked against transformers too.
     return dict(
         architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
         text_config=dict(
@@ -55,7 +57,8 @@ def _tiny(tied: bool) -> dict:
             bos_token_id=TINY_TOKENS["bos_token_id"], eos_token_id=TINY_TOKENS["eos_token_id"],
         ),
         vision_config=dict(
-            depth=4, hidden_size=32, intermediate_size=64, num_heads=2, hidden_act="silu", in_channels=3,
+            depth=4, hidden_size=32, intermediate_size=60 if tied else 64, num_heads=2, hidden_act="silu",
+            in_channels=3,
             patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56,
             fullatt_block_indexes=[1, 3], out_hidden_size=64, tokens_per_second=2,
         ),

@@ -10,6 +10,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from torch.utils.checkpoint import checkpoint
 
+from megatron_mmpl.attention.segments import permute_rows, to_device
 from megatron_mmpl.models.qwen25vl.configs import VisionDims
 from megatron_mmpl.models.qwen25vl.specs import (
     VisionSegments,
@@ -27,14 +28,14 @@ from megatron_mmpl.models.qwen25vl.vision_geometry import (
 class Qwen25VisionModel(MegatronModule):
     """pixel_values [n_patches, C·T·P·P] + grid_thw [n, 3] → merged tokens [n_patches / m², LM hidden].
 
-    With `recompute` (the trainer sets it from model.vit_recompute=full) a training forward encodes whole images
+    With `recompute` (the trainer sets it from model.vit_recompute=chunked) a training forward encodes whole images
     `chunk_patches` patches at a time, each chunk under activation checkpointing: nothing of the tower is kept
     between forward and backward, and the backward rebuilds one chunk at a time. Images never attend across one
     another (windows and full-attention segments lie inside a frame), so chunking does not change the result.
     """
 
     recompute: bool = False
-    chunk_patches: int = 16384
+    chunk_patches: int = 32768
 
     def __init__(self, config, projector_config, dims: VisionDims, layer_spec):
         super().__init__(config=config)
@@ -78,26 +79,24 @@ class Qwen25VisionModel(MegatronModule):
             n, d.in_channels, d.temporal_patch_size, d.patch_size, d.patch_size
         )
         x = self.patch_embed(x).view(n, -1)  # [n, h]
-        order, perm, rope, segs = self.window_layout(grid_thw, x.device)
-        h = self.decoder(x[perm][:, None, :], attention_mask=None, rotary_pos_emb=rope, packed_seq_params=segs)
+        order, perm, unperm, rope, segs = self.window_layout(grid_thw, x.device)
+        h = self.decoder(permute_rows(x, perm, unperm)[:, None, :], attention_mask=None, rotary_pos_emb=rope,
+                         packed_seq_params=segs)
         h = h.reshape(n // unit, 1, -1)  # [n/m², 1, m²·h]: each merge block's patches side by side
         out = self.projection(h).squeeze(1)  # [n/m², LM hidden]
-        return out[torch.argsort(order).to(x.device)]  # back to processor order
+        return permute_rows(out, *(to_device(t, x.device) for t in (torch.argsort(order), order)))  # processor order
 
     def window_layout(self, grid_thw, device):
-        """Window order of merge blocks, the matching patch permutation, RoPE angles [n, 1, 1, head_dim] in
-        window order, and the attention segments of both block kinds."""
+        """Window order of merge blocks, the matching patch permutation and its inverse, RoPE angles
+        [n, 1, 1, head_dim] in window order, and the attention segments of both block kinds (boundaries stay on
+        the host, where attention reads them; the rest is copied asynchronously)."""
         d, unit = self.dims, self.merge_unit
         order, cu_window = window_order(grid_thw, d.spatial_merge_size, d.window_size, d.patch_size)
-        perm = (order[:, None] * unit + torch.arange(unit)).view(-1).to(device)  # patch order in windows
-        freqs = vision_rope_freqs(grid_thw, d.spatial_merge_size, self.config.kv_channels, d.rope_theta).to(device)
-        freqs = freqs[perm]
+        perm = (order[:, None] * unit + torch.arange(unit)).view(-1)  # patch order in windows
+        freqs = vision_rope_freqs(grid_thw, d.spatial_merge_size, self.config.kv_channels, d.rope_theta)[perm]
         rope = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [n, 1, 1, head_dim]
-        segs = VisionSegments(
-            window=packed_seq_params(cu_window.to(device)),
-            full=packed_seq_params(frame_cu_seqlens(grid_thw).to(device)),
-        )
-        return order, perm, rope, segs
+        segs = VisionSegments(window=packed_seq_params(cu_window), full=packed_seq_params(frame_cu_seqlens(grid_thw)))
+        return order, *(to_device(t, device) for t in (perm, torch.argsort(perm), rope)), segs
 
 
 def image_chunks(grid_thw: torch.Tensor, max_patches: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:

@@ -130,13 +130,14 @@ def test_memory_terms_move_the_right_way():
     base = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=full"), hw).peak.terms
     none = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=none"), hw).peak.terms
     assert none["activations"] > 20 * base["activations"]
-    # the ViT recomputes whole images chunk by chunk: nothing kept, one chunk's blocks in the working set
     vit_none = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=full", "model.vit_recompute=none"),
                            hw).peak.terms
-    assert base["vit_activations"] == 0 and vit_none["vit_activations"] > 10 * base["transient"]
-    small = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=full", "model.vit_chunk_patches=4096"),
-                        hw).peak.terms
-    assert small["transient"] <= base["transient"]
+    assert vit_none["vit_activations"] > 5 * base["vit_activations"]
+    # chunked: the ViT reruns whole images chunk by chunk, nothing kept, one chunk's blocks in the working set
+    chunked = ["parallel.tp=2", "parallel.cp=4", "model.recompute=full", "model.vit_recompute=chunked"]
+    ch = plan_config(_cfg(*chunked), hw).peak.terms
+    small = plan_config(_cfg(*chunked, "model.vit_chunk_patches=4096"), hw).peak.terms
+    assert ch["vit_activations"] == 0 and small["transient"] <= ch["transient"]
     frozen = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=full", "model.freeze_vision=true",
                               "model.vit_recompute=none"), hw).peak.terms
     assert frozen["grads"] < base["grads"] and frozen["vit_activations"] < vit_none["vit_activations"] / 10

@@ -28,8 +28,8 @@ def test_released_presets(name, layers, hidden, heads, groups, ffn, vocab, tied)
     assert (lm.ffn_hidden_size, c.vocab_size, c.tie_embeddings) == (ffn, vocab, tied)
     assert lm.kv_channels == 128 and c.mrope_section == [16, 24, 24] and c.rotary_base == 1e6
     assert lm.add_qkv_bias and not lm.add_bias_linear and lm.gated_linear_unit and lm.layernorm_epsilon == 1e-6
-    vision_ffn = 3456 if name in ("qwen25vl-32b", "qwen25vl-72b") else 3420  # as released
-    assert (vis.num_layers, vis.hidden_size, vis.num_attention_heads, vis.ffn_hidden_size) == (32, 1280, 16, vision_ffn)
+    # released 3420 (3B/7B) or 3456 (32B/72B); built zero-padded to a multiple of 64 (models/qwen25vl/padding.py)
+    assert (vis.num_layers, vis.hidden_size, vis.num_attention_heads, vis.ffn_hidden_size) == (32, 1280, 16, 3456)
     assert vis.add_bias_linear and vis.gated_linear_unit
     d = c.vision_dims
     assert d.fullatt_block_indexes == (7, 15, 23, 31) and d.window_size == 112 and d.out_hidden_size == hidden
@@ -54,7 +54,7 @@ def test_dims_come_from_the_config():
     assert (c.vocab_size, lm.layernorm_epsilon, c.rotary_base, c.mrope_section) == (300, 1e-5, 5e5, [4, 2, 2])
     assert lm.activation_func is torch.nn.functional.gelu
     assert (vis.num_layers, vis.hidden_size, vis.ffn_hidden_size, vis.num_attention_heads, vis.kv_channels) == (
-        5, 48, 40, 3, 16)
+        5, 48, 64, 3, 16)  # ViT MLP 40 built zero-padded to 64
     x = torch.tensor([0.3, -1.0])
     assert torch.allclose(vis.activation_func(x), x * torch.sigmoid(1.702 * x))
     dims = c.vision_dims
@@ -102,9 +102,12 @@ def test_clear_errors(kwargs, edit, match):
 
 
 def test_vision_tp_error_names_the_vision_dim():
-    with pytest.raises(ValueError, match="vision_intermediate_size=3420"):
-        megatron_configs("qwen25vl-7b", tp=8)
+    d = preset_dict("tiny")
+    d["vision_config"].update(num_heads=4, hidden_size=32)
+    with pytest.raises(ValueError, match="vision_num_heads=4"):
+        megatron_configs(d, tp=8)
     megatron_configs("qwen25vl-72b", tp=8)  # its ViT MLP is 3456 wide
+    megatron_configs("qwen25vl-3b", tp=2)  # 3420, built as 3456: any tp up to 8 divides it
 
 
 def test_presets_are_data():
