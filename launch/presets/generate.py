@@ -2,8 +2,8 @@
 
 Every preset is examples/recipes/mmprolong-7b.yaml (the MMProLong optimizer, schedule and task mix) with the
 model, the packed length (samples drawn from length/4 to length, as 32K-128K at 128K), ~4M tokens per step and
-the cheapest layout that fits: the smallest tp·pp·cp keeping dp within the batch, no recompute before full,
-pp=1 before pipelines, small tp before cp, at most HEADROOM of the usable memory; the ViT is frozen only when
+the cheapest layout that fits: the smallest tp·pp·cp keeping dp within the batch, the least recompute that
+fits (model.recompute=auto), pp=1 before pipelines, small tp before cp, at most HEADROOM of the usable memory; the ViT is frozen only when
 nothing fits with it trained.
 `python launch/presets/generate.py [--out DIR]` rewrites the files and INDEX.md (also listing what is refused).
 """
@@ -61,14 +61,14 @@ def base_config(model: str, seq: int, name: str) -> dict:
     return raw
 
 
-def with_layout(raw: dict, cfg) -> dict:
-    """`raw` with the layout fields of the chosen `cfg`."""
+def with_layout(raw: dict, cfg, model_settings: dict) -> dict:
+    """`raw` with the layout fields of the chosen `cfg` and the recompute settings its plan resolved."""
     raw = copy.deepcopy(raw)
     p, m = cfg.parallel, cfg.model
     raw["parallel"].update(tp=p.tp, pp=p.pp, cp=p.cp, sequence_parallel=p.sequence_parallel)
     if p.first_stage_layers is not None:
         raw["parallel"]["first_stage_layers"] = p.first_stage_layers
-    raw["model"].update(recompute=m.recompute, recompute_num_layers=m.recompute_num_layers)
+    raw["model"].update(model_settings)
     if m.freeze_vision:
         raw["model"]["freeze_vision"] = True
     raw["data"]["global_batch_size"] = cfg.data.global_batch_size
@@ -100,9 +100,8 @@ def search(model: str, seq: int, nodes: int, gpu: str, name: str):
         if world % mp:
             continue
         dp = world // mp
-        for recompute in ("none", "full"):
-            candidates.append(((dp > target_rows, mp, recompute != "none", pp, fewer, tp, cp),
-                               tp, cp, pp, first, recompute, dp))
+        # model.recompute=auto: the planner picks the least recompute that fits each layout
+        candidates.append(((dp > target_rows, mp, pp, fewer, tp, cp), tp, cp, pp, first, "auto", dp))
     candidates.sort(key=lambda c: c[0])
     raw = base_config(model, seq, name)
     base = from_dict(raw)
@@ -122,7 +121,7 @@ def search(model: str, seq: int, nodes: int, gpu: str, name: str):
                 reason = reason if closest else str(e)
                 continue
             if plan.fits and plan.peak.total <= HEADROOM * hw.budget_bytes:
-                return with_layout(raw, cfg), plan
+                return with_layout(raw, cfg, plan.model_settings), plan
             if not plan.fits and (closest is None or plan.peak.total < closest.peak.total):
                 closest, reason = plan, (f"tp{tp} pp{pp} cp{cp} recompute={recompute} freeze_vision="
                                          f"{str(freeze_vision).lower()} {plan.refusal}")
