@@ -3,8 +3,8 @@
 Every preset is examples/recipes/mmprolong-7b.yaml (the MMProLong optimizer, schedule and task mix) with the
 model, the packed length (samples drawn from length/4 to length, as 32K-128K at 128K), ~4M tokens per step and
 the cheapest layout that fits: the smallest tp·pp·cp keeping dp within the batch, the least recompute that
-fits (model.recompute=auto), pp=1 before pipelines, small tp before cp, at most HEADROOM of the usable memory; the ViT is frozen only when
-nothing fits with it trained.
+fits (model.recompute=auto), pp=1 before pipelines, small tp before cp, at most HEADROOM of the usable memory;
+the ViT is frozen only when nothing fits with it trained.
 `python launch/presets/generate.py [--out DIR]` rewrites the files and INDEX.md (also listing what is refused).
 """
 
