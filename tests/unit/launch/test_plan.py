@@ -186,3 +186,32 @@ def test_planner_loss_chunk_matches_the_model():
     from megatron_mmpl.models.qwen25vl.language_model import LanguageModel
 
     assert LanguageModel.loss_chunk_tokens == LOSS_CHUNK_TOKENS
+
+
+def test_auto_recompute_picks_the_least_that_fits():
+    """model.recompute=auto: no recompute when memory is ample, full on the first k layers (block) when tight,
+    every layer and the chunked ViT when tighter; the choice is the fastest candidate whose plan fits, and every
+    faster candidate does not fit."""
+    from megatron_mmpl.config.plan import choose_recompute, recompute_candidates
+
+    m = load_shape("qwen25vl-3b")
+    one = ["parallel.tp=1", "parallel.cp=1", "parallel.sequence_parallel=false", "data.global_batch_size=1",
+           "model.hf_config=qwen25vl-3b"]
+    seen = {}
+    for seq, mem in ((4096, 140), (32768, 140), (131072, 140)):
+        cfg = _cfg(*one, f"data.max_seq_len={seq}", f"data.max_len={seq}", f"data.min_len={seq // 4}",
+                   "model.recompute=auto")
+        hw = Hardware(1, 1, mem)
+        plan = plan_config(cfg, hw)
+        chosen, line = choose_recompute(cfg, hw, m)
+        assert plan.fits and plan.model_settings["recompute"] == chosen.model.recompute and "auto chose" in line
+        seen[seq] = (chosen.model.recompute, chosen.model.recompute_method, chosen.model.vit_recompute)
+        cands = recompute_candidates(cfg, m)
+        pick = next(i for i, c in enumerate(cands) if all(getattr(chosen.model, k) == v for k, v in c.items()))
+        for faster in cands[:pick]:  # everything faster than the pick is refused at the ViT setting chosen
+            trial = _cfg(*one, f"data.max_seq_len={seq}", f"data.max_len={seq}", f"data.min_len={seq // 4}",
+                         *(f"model.{k}={v}" for k, v in {**faster, "vit_recompute": chosen.model.vit_recompute}.items()))
+            assert not plan_config(trial, hw).fits
+    assert seen[4096][0] == "none"
+    assert seen[32768] == ("full", "block", "full")
+    assert seen[131072][2] == "chunked"
