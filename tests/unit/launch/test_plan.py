@@ -209,8 +209,9 @@ def test_auto_recompute_picks_the_least_that_fits():
         cands = recompute_candidates(cfg, m)
         pick = next(i for i, c in enumerate(cands) if all(getattr(chosen.model, k) == v for k, v in c.items()))
         for faster in cands[:pick]:  # everything faster than the pick is refused at the ViT setting chosen
+            settings = {**faster, "vit_recompute": chosen.model.vit_recompute}
             trial = _cfg(*one, f"data.max_seq_len={seq}", f"data.max_len={seq}", f"data.min_len={seq // 4}",
-                         *(f"model.{k}={v}" for k, v in {**faster, "vit_recompute": chosen.model.vit_recompute}.items()))
+                         *(f"model.{k}={v}" for k, v in settings.items()))
             assert not plan_config(trial, hw).fits
     assert seen[4096][0] == "none"
     assert seen[32768] == ("full", "block", "full")
