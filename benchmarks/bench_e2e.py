@@ -137,15 +137,16 @@ def run_peer(args, seq: int) -> dict:
     lm_flops = vit_flops = tokens = 0.0
     torch.cuda.reset_peak_memory_stats()
     t_start = None
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
+    warmup, steps = args.peer_warmup, args.peer_steps
+    for step in range(warmup + steps):
+        if step == warmup:
             torch.cuda.synchronize()
             t_start = time.perf_counter()
         b = next(loader)
         labels = torch.full_like(b["labels"], -100)
         labels[:, 1:] = b["labels"][:, :-1]  # HF shifts inside the loss: its label t is the token at t
         segs = b["cu_seqlens"].diff().tolist()
-        if step >= args.warmup:
+        if step >= warmup:
             tokens += sum(segs)
             lm_flops += fm.lm_flops(segs, head_tokens=int((b["labels"] >= 0).sum()))
             vit_flops += fm.vit_flops(b["image_grid_thw"].tolist())
@@ -177,7 +178,8 @@ def child(args) -> None:
 
 def spawn(args, impl: str, seq: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--seqs", str(seq), "--model", args.model,
-           "--data", args.data, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+           "--data", args.data, "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--peer-warmup", str(args.peer_warmup), "--peer-steps", str(args.peer_steps)]
     cmd += (["--layers", str(args.layers)] if args.layers else []) + (["--profile"] if args.profile else [])
     cmd += [x for s in args.set for x in ("--set", s)]
     env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
@@ -199,6 +201,8 @@ def main(argv=None) -> None:
     p.add_argument("--data", default="runs/bench_e2e/data")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--peer-warmup", type=int, default=1, help="the peer's warmup steps (it is 4-5x slower)")
+    p.add_argument("--peer-steps", type=int, default=2)
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--profile", action="store_true", help="torch.profiler over 2 steps after the timed ones")
     p.add_argument("--set", action="append", default=[], help="trainer override for ours, e.g. model.recompute=full")
@@ -215,7 +219,8 @@ def main(argv=None) -> None:
     results = []
     print(f"# bench_e2e {datetime.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__}; "
           f"{args.model}{f' with {args.layers} LM layers' if args.layers else ''}, full ViT; overrides {args.set}; "
-          f"{args.warmup} warmup + {args.steps} timed steps, one packed row per step")
+          f"ours {args.warmup} warmup + {args.steps} timed steps, peer {args.peer_warmup} + {args.peer_steps}; "
+          "one packed row per step")
     for seq in args.seqs:
         for impl in ("ours",) + (() if args.no_peer else ("peer",)):
             results.append(spawn(args, impl, seq))

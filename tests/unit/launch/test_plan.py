@@ -127,7 +127,8 @@ def test_refusals_name_the_reason(capsys):
 def test_memory_terms_move_the_right_way():
     """Recompute, freezing the ViT, CP, TP and more nodes each shrink the terms they should."""
     hw = Hardware(4, 8, 80)
-    base = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=full"), hw).peak.terms
+    base = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=full", "model.vit_recompute=full"),
+                       hw).peak.terms
     none = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=none"), hw).peak.terms
     assert none["activations"] > 20 * base["activations"]
     vit_none = plan_config(_cfg("parallel.tp=2", "parallel.cp=4", "model.recompute=full", "model.vit_recompute=none"),
