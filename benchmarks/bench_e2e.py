@@ -101,7 +101,8 @@ def run_ours(args, seq: int) -> dict:
                mfu=(mean.get("mfu") or 0) + (mean.get("vit_mfu") or 0), peak_gib=max(r["max_mem_gib"] for r in rows),
                planned_gib=planned.peak.total / 2**30 if planned else None,
                recompute=planned.recompute if planned else cfg.model.recompute, data_wait=mean["data_wait"],
-               phases={k[:-2]: mean[k] for k in mean if k.endswith("_s")}, device=torch.cuda.get_device_name())
+               phases={k[:-2]: mean[k] for k in mean if k.endswith("_s") and k != "tokens_per_s"},
+               device=torch.cuda.get_device_name())
     prof = os.path.join(run_dir, "profile", "kernels.txt")
     if args.profile and os.path.isfile(prof):
         out["profile"] = open(prof).read()
