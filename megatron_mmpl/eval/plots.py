@@ -32,8 +32,7 @@ def heatmap(grid: dict, path: str, title: str, trained_len: int | None = None) -
     lengths, depths = grid["lengths"], grid["depths"]
     acc = np.array([[np.nan if a is None else a for a in row] for row in grid["accuracy"]], dtype=float)[::-1]
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(depths), 1.2 + 0.45 * len(lengths)))
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("0.85")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="0.85")
     im = ax.imshow(np.ma.masked_invalid(acc), cmap=cmap, vmin=0, vmax=1, aspect="auto")
     for i in range(acc.shape[0]):
         for j in range(acc.shape[1]):
