@@ -100,7 +100,8 @@ def plan_batches(lengths: list[int], batch_size: int, batch_tokens: int | None =
 
 
 def collate(prompts: list[Prompt], pad_id: int, image_token_id: int, device) -> dict:
-    """transformers inputs, left-padded: input_ids, attention_mask (only when padded), mm_token_type_ids,
+    """transformers inputs, left-padded: input_ids, attention_mask (not for one prompt: SDPA then runs causal
+    without a materialised mask, which a 128K prefill needs), mm_token_type_ids,
     pixel_values and image_grid_thw (all images of the batch in order)."""
     n = max(len(p.input_ids) for p in prompts)
     ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
@@ -109,7 +110,7 @@ def collate(prompts: list[Prompt], pad_id: int, image_token_id: int, device) -> 
         ids[i, n - len(p.input_ids):] = torch.from_numpy(p.input_ids)
         mask[i, n - len(p.input_ids):] = 1
     batch = {"input_ids": ids.to(device), "mm_token_type_ids": (ids == image_token_id).long().to(device)}
-    if not bool(mask.all()):
+    if len(prompts) > 1:
         batch["attention_mask"] = mask.to(device)
     pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
     if pixels:
