@@ -52,8 +52,9 @@ def heatmap(grid: dict, path: str, title: str, trained_len: int | None = None) -
 
 
 def accuracy_vs_length(series: dict[str, tuple[list[int], list[float]]], path: str, title: str,
-                       trained_len: int | None = None) -> bool:
-    """One line per evaluation: accuracy at each length (log2 x axis); a dashed line at the training length."""
+                       trained_len: int | None = None, chance: float | None = None) -> bool:
+    """One line per evaluation: accuracy at each length (log2 x axis); dashed lines at the training length and
+    at chance."""
     plt = pyplot()
     if plt is None:
         return False
@@ -65,6 +66,8 @@ def accuracy_vs_length(series: dict[str, tuple[list[int], list[float]]], path: s
     ax.set_xticks(ticks, [_tok(t) for t in ticks])
     if trained_len:
         ax.axvline(trained_len, color="0.5", ls="--", lw=1, label=f"training length {_tok(trained_len)}")
+    if chance:
+        ax.axhline(chance, color="0.5", ls=":", lw=1, label=f"chance {chance:.2f}")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("document length (tokens)")
     ax.set_ylabel("accuracy")

@@ -146,8 +146,10 @@ def write_report(run_dirs: list[str], out_dir: str | None = None) -> str:
                                      [v["accuracy"] for v in r["by_length"].values()]) for lb, r in needles}
     series.update({f"{lb} ({_rope(r)})": ([bin_upper(k) for k in r["by_length"]],
                                           [v["accuracy"] for v in r["by_length"].values()]) for lb, r in docs})
+    chances = {r.get("chance") for _, r in needles} if needles and not docs else set()
+    chance = chances.pop() if len(chances) == 1 else None  # one chance line only when all evals share it
     if series and accuracy_vs_length(series, os.path.join(out_dir, "accuracy_vs_length.png"),
-                                     "accuracy vs document length", trained):
+                                     "accuracy vs document length", trained, chance):
         lines += ["![accuracy vs length](accuracy_vs_length.png)", ""]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
