@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default: the whole job on CPU in a few minutes, no GPU and no data needed.
 #   synthetic needle documents -> shards -> tiny Qwen2.5-VL (random init) -> `mmpl train` (megatron-core on CPU)
-#   -> `mmpl convert mcore-to-hf` -> `mmpl eval needle` (transformers, held-out documents) -> summary + loss curve.
+#   -> `mmpl convert mcore-to-hf` -> `mmpl eval needle` (greedy generation, held-out documents) -> report.
 # What it learns: which of a document's pages is the coloured one, and its colour word (chance 1/4). A tiny model
 # cannot learn to read rendered text in a few hundred CPU steps; the text documents are for GPU runs.
 #
@@ -42,7 +42,7 @@ fi
 say "3/5 export to Hugging Face"
 mmpl convert mcore-to-hf --ckpt "$out/checkpoints" --out "$out/hf"
 
-say "4/5 evaluate retrieval on held-out documents (transformers forward of the export)"
+say "4/5 evaluate retrieval on held-out documents (greedy generation from the export)"
 mmpl eval needle --model "$out/hf" --shards "$out/data/eval" --json "$out/eval.json"
 
 say "5/5 summary"

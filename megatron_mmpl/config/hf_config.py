@@ -39,21 +39,28 @@ def resolve_hf_config(model_cfg):
         raise ConfigError(f"model.hf_config={model_cfg.hf_config!r} has model_type={raw['model_type']!r}; "
                           "only qwen2_5_vl is supported")
     hf = Qwen2_5_VLConfig(**raw)
-    if model_cfg.rope_theta is not None or model_cfg.rope_scaling:
-        text = hf.get_text_config()
-        params = dict(getattr(text, "rope_parameters", None) or {})
-        if model_cfg.rope_theta is not None:
-            params["rope_theta"] = float(model_cfg.rope_theta)
-        if model_cfg.rope_scaling:
-            params.update(model_cfg.rope_scaling)
-        text.rope_parameters = params
-        from megatron_mmpl.models.qwen25vl.configs import rope_scaling
-
-        try:
-            rope_scaling(hf)
-        except ValueError as e:
-            raise ConfigError(f"model.rope_scaling={model_cfg.rope_scaling!r}: {e}") from None
+    try:
+        apply_rope_overrides(hf, model_cfg.rope_theta, model_cfg.rope_scaling)
+    except ValueError as e:
+        raise ConfigError(f"model.rope_scaling={model_cfg.rope_scaling!r}: {e}") from None
     return hf
+
+
+def apply_rope_overrides(hf, rope_theta: float | None, scaling: dict | None) -> None:
+    """Write a RoPE base and/or length-extension settings (HF keys) into a Qwen2.5-VL config's text
+    `rope_parameters`, where transformers and our model both read them; ValueError for an unsupported type."""
+    if rope_theta is None and not scaling:
+        return
+    text = hf.get_text_config()
+    params = dict(getattr(text, "rope_parameters", None) or {})
+    if rope_theta is not None:
+        params["rope_theta"] = float(rope_theta)
+    if scaling:
+        params.update(scaling)
+    text.rope_parameters = params
+    from megatron_mmpl.models.qwen25vl.configs import rope_scaling
+
+    rope_scaling(hf)
 
 
 _TEXT_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

@@ -41,8 +41,9 @@ def needle_page(rng: random.Random, size: int, colour: tuple[int, int, int] | No
 
 
 def needle_sample(key: str, target_tokens: int, tokenizer, improc: ImageProcessor, seed: int,
-                  n_colours: int = 4, page_px: int = 56) -> Sample:
-    """One sample: as many pages as fit in target_tokens, one of them coloured; answer = its colour word."""
+                  n_colours: int = 4, page_px: int = 56, depth: float | None = None) -> Sample:
+    """One sample: as many pages as fit in target_tokens, one of them coloured; answer = its colour word.
+    `depth` in [0, 1] places the coloured page (0: first page, 1: last); None draws it uniformly."""
     if not 2 <= n_colours <= len(PALETTE):
         raise ValueError(f"n_colours={n_colours}: choose 2..{len(PALETTE)}")
     if page_px % improc.cfg.factor:
@@ -54,7 +55,9 @@ def needle_sample(key: str, target_tokens: int, tokenizer, improc: ImageProcesso
     n_pages = (target_tokens - overhead) // page_cost(page_px, page_px, improc)
     if n_pages < 2:
         raise ValueError(f"target {target_tokens} tokens fits {n_pages} needle page(s); raise it to >= {overhead + 12}")
-    marked = rng.randrange(n_pages)
+    if depth is not None and not 0 <= depth <= 1:
+        raise ValueError(f"depth={depth}: choose a fraction of the document in [0, 1]")
+    marked = rng.randrange(n_pages) if depth is None else round(depth * (n_pages - 1))
     pages = [encode_png(needle_page(rng, page_px, PALETTE[answer] if i == marked else None), level=1)
              for i in range(n_pages)]
     msgs = document_messages(n_pages, QUESTION, answer)
