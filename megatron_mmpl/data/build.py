@@ -125,8 +125,8 @@ class DocBuilder:
             sources.append(f"{doc.doc_id}:{s.page}" + (f":{s.crop}{s.rows}" if s.crop else ""))
         msgs = self.composer.messages(slots, qa["question"], qa["answer"])
         n = count_tokens(msgs, sizes, self.tok, self.improc)
-        per_row = self.composer.grid(slots[-1])[0] if slots else 0
-        assert n == self.composer.exact(slots, qa["question"], qa["answer"]) and 0 <= target - n, (key, n, target)
+        per_row = self.composer.row_tokens(slots)
+        assert n == self.composer.exact(slots, qa["question"], qa["answer"]) and 0 <= target - n < per_row, key
         evidence = [i for i, s in enumerate(slots) if s.evidence]
         meta = dict(generator="build", mode=self.opts.mode, doc_id=self.docs[d].doc_id, target_tokens=target,
                     sources=sources, page_labels=[self.composer.label(slots, i) for i in range(len(slots))],

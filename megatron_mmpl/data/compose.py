@@ -62,6 +62,11 @@ class Composer:
         per_row, rows, _ = self.grid(slot)
         return per_row * (slot.rows if slot.crop else rows)
 
+    def row_tokens(self, slots: list[Slot]) -> int:
+        """Tokens of one merged row of the cut page (the last page when none is cut): the length tolerance."""
+        cut = [s for s in slots if s.crop] or slots[-1:]
+        return min(self.grid(s)[0] for s in cut) if cut else 0
+
     def text_cost(self, text: str) -> int:
         n = self._text_cost.get(text)
         if n is None:
@@ -147,7 +152,7 @@ class Composer:
                 if nxt is not None:
                     break
             nexts = [("after", nxt)] if nxt is not None else []
-            return slots, nexts + [("self", None)]
+            return slots, nexts
         e0, e1 = ev[0], ev[-1]
         span = sum(cost[e0:e1 + 1])
         if span > budget:
@@ -166,7 +171,7 @@ class Composer:
             rest -= cost[a - 1]
             a -= 1
         nexts = [("after", sl[b])] if b < len(sl) else []
-        nexts += [("self", None)] + ([("before", sl[a - 1])] if a > 0 else []) + [("self_first", None)]
+        nexts += [("before", sl[a - 1])] if a > 0 else []
         return [replace(sl[a], header=True)] + sl[a + 1:b], nexts
 
     def _haystack_pages(self, d: int, ev: list[int], budget: int, rng: random.Random):
@@ -178,12 +183,13 @@ class Composer:
         others = offsets[-1] - len(self.docs[d])
         if others == 0:
             raise Dropped("haystack needs pages of other documents; the manifest has one document")
-        chosen, misses, spare = [], 0, []
+        chosen, misses, spare, used = [], 0, [], set()
         for _ in range(20 * MAX_MISSES + 4 * others):
             g = rng.randrange(offsets[-1])
             j = bisect.bisect_right(offsets, g) - 1
-            if j == d:
+            if j == d or g in used:
                 continue
+            used.add(g)
             s = Slot(j, g - offsets[j])
             c = self.est_cost(s, 99)
             if c <= room:
@@ -199,18 +205,22 @@ class Composer:
         at = sorted(rng.sample(range(n), len(evid)))
         it_c, it_e = iter(chosen), iter(evid)
         slots = [next(it_e) if i in at else next(it_c) for i in range(n)]
-        return slots, [("after", s) for s in spare[:4]] + [("self", None)]
+        return slots, [("after", s) for s in spare[:4]]
 
     def _finish(self, slots: list[Slot], nexts, q: str, a: str, target: int, rng: random.Random) -> list[Slot]:
         """Cut one page to the rows that bring the sample to within one page-row of `target`."""
-        if slots and target - self.exact(slots, q, a) < self.grid(slots[-1])[0]:
+        if slots and target - self.exact(slots, q, a) < self.row_tokens(slots):
             return slots
-        for where, s in nexts:
-            cands = self._candidates(slots, where, s, rng)
-            for cand, i in cands:
+        for swap in (False, True, "trim"):
+            for where, s in nexts:
+                cand = self._candidate(slots, where, s, swap, rng)
+                if cand is None:
+                    continue
+                cand, i = cand
                 per_row, full_rows, rw = self.grid(cand[i])
+                per_row = min(per_row, self.row_tokens(cand) if any(x.crop for x in cand) else per_row)
                 rows = min(full_rows, (target - self.exact(cand, q, a, zero=i)) // per_row)
-                if rows < 2 or rows * self.improc.cfg.factor * rw < self.improc.cfg.min_pixels:
+                if rows < 1 or rows * self.improc.cfg.factor * rw < self.improc.cfg.min_pixels:
                     continue
                 out = cand[:i] + [replace(cand[i], rows=rows)] + cand[i + 1:]
                 n = self.exact(out, q, a)
@@ -218,20 +228,33 @@ class Composer:
                     return out
         raise Dropped("cannot fill to within one page-row of the target (too few pages to draw from)")
 
-    def _candidates(self, slots: list[Slot], where: str, s: Slot | None, rng: random.Random):
-        """(slots with a page to cut, its index): the next page, the window's own end/start, the previous page."""
-        if where == "after":
+    def _candidate(self, slots: list[Slot], where: str, s: Slot, swap: bool, rng: random.Random):
+        """(slots with page `s` added to be cut, its index), or None. Added after (top kept) or before the window
+        (bottom kept); with `swap` a whole page makes room: the window's far end, a joined document's last page
+        (document mode) or any distractor (haystack); with "trim" the last whole page loses one row."""
+        slots = list(slots)
+        if swap == "trim":  # the page-row gap: a whole page loses its last row, then `s` is cut after it
+            i = next((k for k in range(len(slots) - 1, -1, -1) if not slots[k].evidence and not slots[k].crop), None)
+            if where == "before" or i is None or (self.mode == "document" and i != len(slots) - 1):
+                return None
+            slots[i] = replace(slots[i], crop="top", rows=self.grid(slots[i])[1] - 1)
+            if slots[i].rows < 1:
+                return None
+        elif swap:
             if self.mode == "haystack":
-                i = rng.randrange(len(slots) + 1)
-                return [(slots[:i] + [replace(s, crop="top")] + slots[i:], i)]
-            return [(slots + [replace(s, crop="top")], len(slots))]
+                drop = [i for i, x in enumerate(slots) if not x.evidence]
+                i = rng.choice(drop) if drop else None
+            elif where == "before" or all(x.doc == slots[0].doc for x in slots):
+                i = len(slots) - 1 if where == "before" else 0  # shift the window by one page
+            else:
+                i = len(slots) - 1 if slots[-1].doc != slots[0].doc else None  # a joined document ends earlier
+            if i is None or not slots or slots[i].evidence or (i == 0 and len(slots) == 1):
+                return None
+            if i == 0:
+                slots = [replace(slots[1], header=slots[0].header)] + slots[2:]
+            else:
+                del slots[i]
         if where == "before":
-            return [([replace(s, crop="bottom", header=slots[0].header)] + [replace(slots[0], header=False)]
-                     + slots[1:], 0)]
-        if self.mode == "haystack":  # any distractor may be the cut page
-            i = next((k for k in range(len(slots) - 1, -1, -1) if not slots[k].evidence), None)
-        else:  # a document is only cut at its ends
-            i = len(slots) - 1 if where == "self" else 0
-        if i is None or not slots or slots[i].evidence:
-            return []
-        return [(slots[:i] + [replace(slots[i], crop="top" if where == "self" else "bottom")] + slots[i + 1:], i)]
+            return [replace(s, crop="bottom", header=slots[0].header), replace(slots[0], header=False)] + slots[1:], 0
+        i = rng.randrange(len(slots) + 1) if self.mode == "haystack" else len(slots)
+        return slots[:i] + [replace(s, crop="top")] + slots[i:], i
