@@ -92,7 +92,7 @@ class ShardWriter:
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"{self.tmp} is being written by another build; wait for it or choose another "
+            raise FileExistsError(f"{self.tmp} is being written by another build; wait for it or choose another "
                                f"--out") from None
 
     def _adopt_finished(self) -> None:
