@@ -20,7 +20,8 @@ def summary(index: dict) -> str:
     lines.append("tasks: " + ", ".join(f"{t} {c['samples']} samples / {c['tokens'] / max(1, index['tokens']):.1%} "
                                        f"tokens" for t, c in sorted(index["tasks"].items())))
     if index.get("bytes"):
-        lines.append(f"stored: {index['bytes']:,} bytes, {index['bytes'] / max(1, index['tokens']):.1f} bytes per token")
+        per = index["bytes"] / max(1, index["tokens"])
+        lines.append(f"stored: {index['bytes']:,} bytes, {per:.1f} bytes per token")
     b = index.get("build")
     if b:
         src = index.get("source", {})

@@ -66,7 +66,7 @@ def test_real_pdfs_document_mode_ocr_and_workers(manuals, tmp_path, capsys):
     samples = _samples(tmp_path / "w1")
     assert len(samples) == 2 * 2 * 3  # (QA + OCR) x 2 docs x 3 targets
     improc = ImageProcessor()
-    pdfs = {"pump": pdfium.PdfDocument(str(manuals / "pump.pdf")), "valve": pdfium.PdfDocument(str(manuals / "valve.pdf"))}
+    pdfs = {d: pdfium.PdfDocument(str(manuals / f"{d}.pdf")) for d in ("pump", "valve")}
     for s in samples.values():
         m = s.meta
         assert 0 <= m["target_tokens"] - s.n_tokens < m["row_tokens"], "within one page-row of the target"
