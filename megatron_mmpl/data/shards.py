@@ -223,12 +223,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def load_index(root: str | os.PathLike) -> dict:
-    path = Path(root) / "index.json"
-    if not path.exists():
+def load_index(root: str | os.PathLike, storage_options: dict | None = None) -> dict:
+    """index.json of a shard directory (a path or a URL)."""
+    from megatron_mmpl.data.storage import join, read_bytes
+
+    path = join(root, "index.json")
+    try:
+        index = json.loads(read_bytes(path, storage_options))
+    except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: not a shard directory, or its build did not finish "
-                                f"(run `mmpl data build` / `mmpl data synth` to write one)")
-    index = json.loads(path.read_text())
+                                f"(run `mmpl data build` / `mmpl data synth` to write one)") from None
     if index.get("version") != INDEX_VERSION:
         raise ValueError(f"{path}: index version {index.get('version')} != {INDEX_VERSION}; rebuild the shards")
     return index
@@ -236,7 +240,15 @@ def load_index(root: str | os.PathLike) -> dict:
 
 def load_shard_samples(root: str | os.PathLike, shard: dict) -> list[list]:
     """[[key, offset, nbytes, n_tokens], ...] of one shard."""
-    return json.loads((Path(root) / shard["index"]).read_text())["samples"]
+    return load_all_shard_samples(root, [shard])[0]
+
+
+def load_all_shard_samples(root: str | os.PathLike, shards: list[dict],
+                           storage_options: dict | None = None) -> list[list[list]]:
+    """The offset index of every shard (fetched concurrently from a URL)."""
+    from megatron_mmpl.data.storage import join, read_many
+
+    return [json.loads(b)["samples"] for b in read_many([join(root, sh["index"]) for sh in shards], storage_options)]
 
 
 def read_members(f, offset: int, nbytes: int) -> tuple[str, dict[str, bytes]]:
@@ -245,6 +257,11 @@ def read_members(f, offset: int, nbytes: int) -> tuple[str, dict[str, bytes]]:
     chunk = f.read(nbytes)
     if len(chunk) != nbytes:
         raise ValueError(f"short read at offset {offset}: {len(chunk)} of {nbytes} bytes (truncated shard?)")
+    return parse_members(chunk, offset)
+
+
+def parse_members(chunk: bytes, offset: int = 0) -> tuple[str, dict[str, bytes]]:
+    """(key, {suffix: bytes}) of the tar bytes of one sample (read at `offset`, for messages)."""
     members, key = {}, None
     with tarfile.open(fileobj=io.BytesIO(chunk), mode="r:") as tar:
         for ti in tar:
