@@ -84,7 +84,8 @@ class DataConfig:
     """Where samples come from and how they are packed into micro-batches."""
 
     shards: str = ""
-    """Shard directory written by `mmpl data build` (holds index.json and <bucket>/*.tar)."""
+    """Shard directory written by `mmpl data build` (index.json and <bucket>/*.tar): a path or an s3://, gs://,
+    http(s):// URL (read by byte range through fsspec)."""
     recipe: str = "balanced"
     """Length mixture: balanced (even over length buckets) | pool_native (as the pool is) | target:N (near N)."""
     min_len: int = 32768
@@ -113,6 +114,8 @@ class DataConfig:
     """Abort after this many undecodable samples in a row (corrupt shards); single failures are skipped."""
     prefetch_factor: int = 2
     """Batches prefetched per loader worker."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options when `shards` is a URL (s3://, gs://, https://), e.g. {anon: true} or {endpoint_url: ...}."""
 
 
 @dataclass

@@ -1,205 +1,276 @@
-"""`mmpl data build`: documents + QA (JSONL manifest) → samples at target lengths → bucketed shards.
+"""`mmpl data build`: manifest of documents + QA → one sample per (QA item × target length) → bucketed shards.
 
-Manifest line: {"doc_id": str, "pages": [image paths] | "pdf": path, "page_range": [first, last] (1-based,
-inclusive), "qa": [{"question", "answer", "task", "evidence_pages": [0-based page indices of this doc]}]}.
-Relative paths are relative to the manifest. For each QA item and target length, the evidence pages are kept (in
-order) at random depths among distractor pages drawn from OTHER documents, filled until the next page would not fit;
-the last distractor is cropped to top the sample up (MMLongBench-style standard lengths). Lengths are exact.
+Samples are laid out by data/compose.py (`document` or `haystack` mode, exact lengths), pages stored by
+data/page_codec.py, and written in manifest order whatever the number of worker processes, so `--workers N`
+gives the same shards as one. A killed build resumes with `--resume`: finished shards are kept, the rest redone.
+The manifest format is in data/manifest.py.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import multiprocessing as mp
+import os
 import random
 import re
-from dataclasses import dataclass
+import time
+from collections import Counter, OrderedDict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image
-
+from megatron_mmpl.data.compose import Composer, Dropped, Slot
 from megatron_mmpl.data.images import ImageProcessor
-from megatron_mmpl.data.length import count_tokens, crop_to_budget, encode_png, page_cost
-from megatron_mmpl.data.schema import TASKS, Sample, document_messages
+from megatron_mmpl.data.length import count_tokens, crop_rows
+from megatron_mmpl.data.manifest import BadInput, Document, PageReader, Problems, read_manifest_lines, scan_line
+from megatron_mmpl.data.page_codec import PageCodec
+from megatron_mmpl.data.schema import Sample
 
 log = logging.getLogger(__name__)
-PDF_DPI = 144
+OCR_QUESTION = "Transcribe the text of page {page} exactly."
 
 
 @dataclass
-class Page:
-    doc: str
-    index: int
-    source: str  # file path, or "pdf:<path>#<page>"
-    width: int
-    height: int
+class BuildOptions:
+    """What a build makes (a resumed build must be given the same)."""
 
-    def read(self) -> tuple[bytes, str]:
-        """(encoded bytes, extension), the original file bytes where possible."""
-        if self.source.startswith("pdf:"):
-            path, _, n = self.source[4:].rpartition("#")
-            return encode_png(render_pdf_page(path, int(n))), "png"
-        data = Path(self.source).read_bytes()
-        ext = Path(self.source).suffix.lower().lstrip(".")
-        return (data, "jpg" if ext == "jpeg" else ext) if ext in ("png", "jpg", "jpeg", "webp") else (
-            encode_png(Image.open(io.BytesIO(data))), "png")
-
-    def image(self) -> Image.Image:
-        data, _ = self.read()
-        return Image.open(io.BytesIO(data))
+    targets: tuple[int, ...] = (8192, 16384, 32768)
+    mode: str = "document"
+    seed: int = 0
+    image_format: str = "png"
+    image_quality: int | str = 90
+    ocr_from_pdf: bool = False
+    ocr_per_doc: int = 1
 
 
-def render_pdf_page(path: str, page_no: int, dpi: int = PDF_DPI) -> Image.Image:
-    """Page `page_no` (0-based) of a PDF at `dpi` (MMLongBench renders at 144)."""
-    try:
-        import pypdfium2 as pdfium
-    except ImportError:
-        raise ImportError("PDF input needs pypdfium2: pip install 'megatron_mmpl[pdf]'") from None
-    pdf = pdfium.PdfDocument(path)
-    try:
-        return pdf[page_no].render(scale=dpi / 72).to_pil().convert("RGB")
-    finally:
-        pdf.close()
+class DocBuilder:
+    """Builds every sample of one document (runs in a build worker): compose, read/render pages, encode."""
+
+    def __init__(self, docs: list[Document], tokenizer, improc: ImageProcessor, opts: BuildOptions, strict: bool):
+        self.docs, self.tok, self.improc, self.opts, self.strict = docs, tokenizer, improc, opts, strict
+        self.composer = Composer(docs, tokenizer, improc, opts.mode)
+        self.codec = PageCodec(opts.image_format, opts.image_quality)
+        self.reader = PageReader()
+        self._pages: OrderedDict[tuple[int, int], tuple[bytes, str]] = OrderedDict()
+
+    def items(self, d: int) -> list[tuple[str, dict, int]]:
+        """(key, qa, target) of every sample of doc d, in a fixed order (OCR items are chosen when built)."""
+        doc, out = self.docs[d], []
+        for qa in doc.qa:
+            out += [(sample_key(doc.doc_id, f"q{qa['qi']}", t), qa, t) for t in self.opts.targets]
+        if self.opts.ocr_from_pdf and doc.pdf is not None:
+            for k in range(self.opts.ocr_per_doc):
+                out += [(sample_key(doc.doc_id, f"ocr{k}", t), dict(ocr=k), t) for t in self.opts.targets]
+        return out
+
+    def __call__(self, d: int, skip: frozenset[str]) -> tuple[list[Sample], list[tuple[str, str, str]], int]:
+        """(samples, drops as (reason, key, detail), pages read) of doc d, leaving out the keys in `skip`."""
+        samples, drops, read0 = [], [], self.reader.rendered
+        ocr: dict[int, dict | str] = {}
+        for key, qa, t in self.items(d):
+            if key in skip:
+                continue
+            try:
+                if "ocr" in qa:
+                    qa = ocr.setdefault(qa["ocr"], self._ocr_qa(d, qa["ocr"]))
+                    if isinstance(qa, str):
+                        raise Dropped(qa)
+                rng = random.Random(f"{self.opts.seed}:{key}")
+                slots = self.composer.compose(d, qa, t, rng)
+                samples.append(self.assemble(key, d, qa, t, slots))
+            except Dropped as e:
+                drops.append((str(e), key, f"target {t}"))
+            except (BadInput, OSError, ValueError) as e:  # a page that does not render or decode
+                if self.strict:
+                    raise BadInput(f"sample {key}: {type(e).__name__}: {e} (--strict)") from e
+                drops.append(("page that does not decode", key, f"{type(e).__name__}: {e}"))
+        return samples, drops, self.reader.rendered - read0
+
+    def _ocr_qa(self, d: int, k: int) -> dict | str:
+        """An ocr_transcribe QA whose answer is a page's text layer, or the reason there is none."""
+        doc = self.docs[d]
+        order = list(range(len(doc)))
+        random.Random(f"{self.opts.seed}:{doc.doc_id}:ocr{k}").shuffle(order)
+        for i in order[:16]:
+            text = self.reader.text(doc, i)
+            if len(text) >= 16:
+                return dict(question=OCR_QUESTION, answer=text, task="ocr_transcribe", evidence_pages=[i])
+        return "no text layer (--ocr-from-pdf)"
+
+    def page(self, s: Slot) -> tuple[bytes, str]:
+        """A whole page's stored bytes (cached: pages recur across targets and QA items)."""
+        got = self._pages.pop((s.doc, s.page), None)
+        if got is None:
+            doc = self.docs[s.doc]
+            src = self.reader.source_bytes(doc, s.page)
+            if src is not None and self.codec.keeps(src[1]):
+                got = src
+            else:
+                got = (self.codec.encode(self.reader.image(doc, s.page)), self.codec.ext)
+            if len(self._pages) >= 256:
+                self._pages.popitem(last=False)
+        self._pages[(s.doc, s.page)] = got
+        return got
+
+    def assemble(self, key: str, d: int, qa: dict, target: int, slots: list[Slot]) -> Sample:
+        pages, exts, sizes, sources = [], [], [], []
+        for s in slots:
+            doc = self.docs[s.doc]
+            if s.crop:
+                img = crop_rows(self.reader.image(doc, s.page), s.rows, self.improc, keep=s.crop)
+                data, ext, size = self.codec.encode(img), self.codec.ext, img.size
+            else:
+                (data, ext), size = self.page(s), tuple(doc.sizes[s.page])
+            pages.append(data), exts.append(ext), sizes.append(size)
+            sources.append(f"{doc.doc_id}:{s.page}" + (f":{s.crop}{s.rows}" if s.crop else ""))
+        msgs = self.composer.messages(slots, qa["question"], qa["answer"])
+        n = count_tokens(msgs, sizes, self.tok, self.improc)
+        per_row = self.composer.row_tokens(slots)
+        assert n == self.composer.exact(slots, qa["question"], qa["answer"]) and 0 <= target - n < per_row, key
+        evidence = [i for i, s in enumerate(slots) if s.evidence]
+        meta = dict(generator="build", mode=self.opts.mode, doc_id=self.docs[d].doc_id, target_tokens=target,
+                    sources=sources, page_labels=[self.composer.label(slots, i) for i in range(len(slots))],
+                    depths=[round(e / max(1, len(slots) - 1), 4) for e in evidence], row_tokens=per_row)
+        return Sample(key=key, pages=pages, messages=msgs, task=qa["task"], evidence_pages=evidence, n_tokens=n,
+                      page_sizes=sizes, page_exts=exts, meta=meta)
 
 
-def load_manifest(path: str | Path) -> dict[str, dict]:
-    """doc_id → {"pages": [Page], "qa": [...]}, with page sizes read from headers (PDF pages rendered once)."""
-    path = Path(path)
-    docs: dict[str, dict] = {}
-    for ln, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+def sample_key(doc_id: str, item: str, target: int) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{doc_id}-{item}-{target}")
+
+
+_WORKER: dict = {}  # the build state a forked worker inherits
+
+
+def _scan(args):
+    return scan_line(*args)
+
+
+def _build_doc(args):
+    d, skip = args
+    return _WORKER["builder"](d, skip)
+
+
+def _pool(workers: int):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return mp.get_context("fork").Pool(workers)
+
+
+def scan_manifest(manifest, workers: int, problems: Problems) -> list[Document]:
+    """Documents of the manifest in order (bad ones skipped and counted), scanned over `workers` processes."""
+    base = str(Path(manifest).resolve().parent)
+    jobs = [(base, ln, line) for ln, line in read_manifest_lines(manifest)]
+    if workers > 1:
+        with _pool(workers) as pool:
+            results = pool.map(_scan, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+    else:
+        results = [scan_line(*j) for j in jobs]
+    docs, seen = [], set()
+    for (_, ln, _), (doc, probs) in zip(jobs, results):
+        problems.merge(probs)
+        if doc is None:
             continue
-        try:
-            d = json.loads(line)
-            doc_id = str(d["doc_id"])
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{path}:{ln}: not a manifest line ({e}); see `mmpl data build --help`") from None
-        if doc_id in docs:
-            raise ValueError(f"{path}:{ln}: duplicate doc_id {doc_id!r}")
-        pages = []
-        if "pages" in d:
-            for i, p in enumerate(d["pages"]):
-                src = str((path.parent / p).resolve())
-                with Image.open(src) as im:
-                    pages.append(Page(doc_id, i, src, im.width, im.height))
-        elif "pdf" in d:
-            pdf = str((path.parent / d["pdf"]).resolve())
-            first, last = d.get("page_range", [1, None])
-            n = _pdf_len(pdf)
-            last = n if last is None else min(last, n)
-            for i, pno in enumerate(range(first - 1, last)):
-                im = render_pdf_page(pdf, pno)
-                pages.append(Page(doc_id, i, f"pdf:{pdf}#{pno}", im.width, im.height))
-        else:
-            raise ValueError(f"{path}:{ln}: doc {doc_id} has neither 'pages' nor 'pdf'")
-        for q in d.get("qa", []):
-            if q.get("task") not in TASKS:
-                raise ValueError(f"{path}:{ln}: task {q.get('task')!r} not in {TASKS}")
-            bad = [e for e in q.get("evidence_pages", []) if not 0 <= e < len(pages)]
-            if bad:
-                raise ValueError(f"{path}:{ln}: evidence pages {bad} outside the doc's {len(pages)} pages")
-        docs[doc_id] = dict(pages=pages, qa=d.get("qa", []))
+        if doc.doc_id in seen:
+            problems.add("bad manifest line", doc.doc_id, f"line {ln}: duplicate doc_id")
+            continue
+        seen.add(doc.doc_id)
+        docs.append(doc)
     if not docs:
-        raise ValueError(f"{path}: no documents")
+        raise ValueError(f"{manifest}: no usable documents (see the warnings above)")
     return docs
 
 
-def _pdf_len(path: str) -> int:
-    import pypdfium2 as pdfium
-
-    pdf = pdfium.PdfDocument(path)
-    try:
-        return len(pdf)
-    finally:
-        pdf.close()
-
-
-def build_sample(key: str, doc_id: str, qa: dict, target: int, docs: dict, tokenizer, improc: ImageProcessor,
-                 rng: random.Random, crop_fill: bool = True) -> Sample | None:
-    """One sample at `target` tokens, or None when the evidence alone does not fit."""
-    evidence = [docs[doc_id]["pages"][i] for i in qa["evidence_pages"]]
-    q, a = qa["question"], qa["answer"]
-    base = count_tokens(document_messages(len(evidence), q, a), [(p.width, p.height) for p in evidence],
-                        tokenizer, improc)
-    if base > target:
-        return None
-    pool = [p for d, v in docs.items() if d != doc_id for p in v["pages"]]
-    rng.shuffle(pool)
-    room, chosen, misses = target - base, [], 0
-    for p in pool:  # first fit over a shuffled pool, giving up after 32 pages that do not fit
-        c = page_cost(p.width, p.height, improc)
-        if c <= room:
-            chosen.append(p)
-            room -= c
-            misses = 0
-        else:
-            misses += 1
-            if misses > 32:
-                break
-    cropped = None
-    if crop_fill and room > 2:
-        for p in pool:
-            if p not in chosen:
-                cropped = crop_to_budget(p.image(), room, improc)
-                if cropped is not None:
-                    break
-    n_pages = len(chosen) + len(evidence) + (cropped is not None)
-    slots = sorted(rng.sample(range(n_pages), len(evidence)))
-    order, it_d, it_e = [], iter(chosen), iter(evidence)
-    for i in range(n_pages):
-        order.append(next(it_e) if i in slots else next(it_d, None))
-    pages, exts, sizes, sources = [], [], [], []
-    for p in order:
-        if p is None:  # the cropped filler takes the one remaining distractor slot
-            pages.append(encode_png(cropped)), exts.append("png"), sizes.append(cropped.size)
-            sources.append("crop")
-            continue
-        data, ext = p.read()
-        pages.append(data), exts.append(ext), sizes.append((p.width, p.height)), sources.append(f"{p.doc}:{p.index}")
-    msgs = document_messages(len(pages), q, a)
-    n = count_tokens(msgs, sizes, tokenizer, improc)
-    assert n <= target, (key, n, target)
-    meta = dict(generator="build", doc_id=doc_id, target_tokens=target, sources=sources,
-                depths=[round(s / max(1, n_pages - 1), 4) for s in slots])
-    return Sample(key=key, pages=pages, messages=msgs, task=qa["task"], evidence_pages=slots, n_tokens=n,
-                  page_sizes=sizes, page_exts=exts, meta=meta)
-
-
 def write_build(manifest, out, *, targets: list[int], tokenizer, tokenizer_name: str, improc: ImageProcessor,
-                seed: int = 0, max_seq_len: int | None = None, bucket_edges=None, crop_fill: bool = True,
-                overwrite: bool = False, shard_bytes: int = 256 << 20) -> dict:
-    """Build every (QA item × target) sample of the manifest into shards; returns the index."""
+                seed: int = 0, max_seq_len: int | None = None, bucket_edges=None, overwrite: bool = False,
+                shard_bytes: int = 256 << 20, mode: str = "document", image_format: str = "png",
+                image_quality: int | str = 90, ocr_from_pdf: bool = False, workers: int = 1, resume: bool = False,
+                strict: bool = False, progress: bool = False) -> dict:
+    """Build every (QA item × target) sample of the manifest into shards under `out`; returns the index."""
+    from tqdm import tqdm
+
     from megatron_mmpl.data.shards import DEFAULT_BUCKET_EDGES, ShardWriter
     from megatron_mmpl.data.tokenizer import special_ids, tokenizer_fingerprint
 
     if max_seq_len is not None and max(targets) > max_seq_len:
         raise ValueError(f"target length {max(targets)} > max_seq_len={max_seq_len}: such samples could never be "
                          f"packed; drop the target or raise --max-seq-len")
-    docs = load_manifest(manifest)
+    opts = BuildOptions(tuple(targets), mode, seed, image_format, image_quality, ocr_from_pdf)
+    PageCodec(image_format, image_quality)  # bad format/quality: stop before any work
+    t0 = time.perf_counter()
+    problems = Problems(strict)
+    docs = scan_manifest(manifest, workers, problems)
     info = dict(tokenizer=tokenizer_fingerprint(tokenizer), tokenizer_name=tokenizer_name,
                 special_ids=special_ids(tokenizer).to_dict(), image_processor=improc.cfg.to_dict(),
-                source=dict(generator="build", manifest=str(manifest), seed=seed, targets=list(targets)))
+                source=dict(generator="build", manifest=str(manifest), **asdict(opts)))
+    params = dict(tokenizer=info["tokenizer"], image_processor=info["image_processor"], options=asdict(opts),
+                  manifest_sha1=_sha(manifest))
     writer = ShardWriter(out, bucket_edges=bucket_edges or DEFAULT_BUCKET_EDGES, info=info, overwrite=overwrite,
-                         shard_bytes=shard_bytes)
-    skipped = 0
+                         shard_bytes=shard_bytes, resume=resume, params=params)
+    dropped_log = writer.tmp / "dropped.jsonl"
+    drops = Counter()
+    done = set(writer.keys)
+    if resume and dropped_log.exists():  # drops of the interrupted run are final (samples are deterministic)
+        for line in dropped_log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the kill
+            done.add(rec["key"])
+            drops[rec["reason"]] += 1
+    builder = DocBuilder(docs, tokenizer, improc, opts, strict)
+    work = []
+    for d in range(len(docs)):
+        keys = {k for k, _, _ in builder.items(d)}
+        if keys - done:
+            work.append((d, frozenset(keys & done)))
+    resumed = len(writer.keys)
+    n_pages = n_read = 0
+    bar = tqdm(total=len(work), unit="doc", desc="build", disable=not progress, smoothing=0.05)
+    pool = None
     try:
-        for doc_id, d in docs.items():
-            for qi, qa in enumerate(d["qa"]):
-                for t in targets:
-                    key = re.sub(r"[^A-Za-z0-9_-]", "_", f"{doc_id}-q{qi}-{t}")
-                    s = build_sample(key, doc_id, qa, t, docs, tokenizer, improc, random.Random(f"{seed}:{key}"),
-                                     crop_fill)
-                    if s is None:
-                        skipped += 1
-                        log.warning("%s: evidence + question do not fit in %d tokens; skipped", key, t)
-                        continue
+        _WORKER["builder"] = builder
+        if workers > 1:
+            pool = _pool(workers)
+            results = pool.imap(_build_doc, work, chunksize=1)  # ordered: same shards for any worker count
+        else:
+            results = (builder(*w) for w in work)
+        with open(dropped_log, "a") as dlog:
+            for samples, dropped, read in results:
+                for s in samples:
                     writer.add(s)
+                    n_pages += len(s.pages)
+                for reason, key, detail in dropped:
+                    drops[reason] += 1
+                    log.info("sample %s dropped: %s (%s)", key, reason, detail)
+                    dlog.write(json.dumps(dict(key=key, reason=reason, detail=detail)) + "\n")
+                dlog.flush()
+                n_read += read
+                bar.update(1)
+                bar.set_postfix(pages_s=f"{n_pages / max(1e-9, time.perf_counter() - t0):.1f}", refresh=False)
+        if pool is not None:
+            pool.close()
+            pool.join()
     except BaseException:
-        writer.abort()
+        if pool is not None:
+            pool.terminate()
+        writer.abort(keep=True)
         raise
-    writer.info["source"]["skipped_too_long_for_target"] = skipped
+    finally:
+        bar.close()
+        _WORKER.clear()
+    seconds = time.perf_counter() - t0
+    writer.info["build"] = dict(
+        dropped=dict(sorted(drops.items())), skipped_input=dict(sorted(problems.counts.items())),
+        documents=len(docs), workers=workers, seconds=round(seconds, 2), pages_this_run=n_pages,
+        pages_read_this_run=n_read, pages_per_s=round(n_pages / max(seconds, 1e-9), 2),
+        resumed_samples=resumed)
     return writer.close()
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
 def write_synth_manifest(out_dir, n_docs: int = 4, pages_per_doc: int = 6, page_px=(224, 280), seed: int = 0):

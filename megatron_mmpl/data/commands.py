@@ -46,8 +46,20 @@ def register(subparsers) -> None:
     _common(b, tokenizer_default="qwen2")
     b.add_argument("--manifest", required=True, help="JSONL: {doc_id, pages | pdf + page_range, qa: [...]}")
     b.add_argument("--max-seq-len", default=None, help="refuse targets longer than this (e.g. 128k)")
-    b.add_argument("--no-crop-fill", action="store_true", help="do not top samples up with a cropped page")
-    b.add_argument("--shard-mb", type=int, default=256, help="target shard size in MiB")
+    b.add_argument("--mode", choices=("document", "haystack"), default="document",
+                   help="document: the QA's own document in order (cut to a window holding the evidence, or joined "
+                        "with the next documents); haystack: the evidence pages among pages of other documents")
+    b.add_argument("--image-format", choices=("png", "jpeg", "webp"), default="png", help="how pages are stored")
+    b.add_argument("--image-quality", default="90", help="1-100 for jpeg/webp, or 'lossless' (webp)")
+    b.add_argument("--ocr-from-pdf", action="store_true",
+                   help="also make ocr_transcribe samples whose answer is a PDF page's text layer")
+    b.add_argument("--workers", type=int, default=1, help="build processes (documents are spread over them)")
+    b.add_argument("--resume", action="store_true",
+                   help="continue a killed build of the same manifest and settings (finished shards are kept)")
+    b.add_argument("--strict", action="store_true",
+                   help="stop at the first bad input (unreadable PDF/image, page out of range, QA without evidence) "
+                        "instead of skipping and counting it")
+    b.add_argument("--shard-mb", type=float, default=256, help="target shard size in MiB")
     b.set_defaults(func=_build)
 
     i = sub.add_parser("inspect", help="print the index and a length histogram")
@@ -91,17 +103,23 @@ def _synth(args) -> int:
 
 
 def _build(args) -> int:
+    import sys
+
     from megatron_mmpl.data.build import write_build
-    from megatron_mmpl.data.inspect import summary
+    from megatron_mmpl.data.inspect import inspect
+    from megatron_mmpl.data.page_codec import parse_quality
     from megatron_mmpl.data.shards import parse_length
 
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: use 1 or more processes")
     tok, improc, edges = _setup(args)
-    index = write_build(args.manifest, args.out, targets=_lengths(args.targets), tokenizer=tok,
-                        tokenizer_name=args.tokenizer, improc=improc, seed=args.seed,
-                        max_seq_len=parse_length(args.max_seq_len) if args.max_seq_len else None,
-                        bucket_edges=edges, crop_fill=not args.no_crop_fill, overwrite=args.overwrite,
-                        shard_bytes=args.shard_mb << 20)
-    print(summary(index))
+    write_build(args.manifest, args.out, targets=_lengths(args.targets), tokenizer=tok, tokenizer_name=args.tokenizer,
+                improc=improc, seed=args.seed, max_seq_len=parse_length(args.max_seq_len) if args.max_seq_len else None,
+                bucket_edges=edges, overwrite=args.overwrite, shard_bytes=int(args.shard_mb * (1 << 20)),
+                mode=args.mode, image_format=args.image_format, image_quality=parse_quality(args.image_quality),
+                ocr_from_pdf=args.ocr_from_pdf, workers=args.workers, resume=args.resume, strict=args.strict,
+                progress=sys.stderr.isatty())
+    print(inspect(args.out))
     return 0
 
 

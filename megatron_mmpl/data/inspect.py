@@ -19,6 +19,19 @@ def summary(index: dict) -> str:
                      f"{b['tokens'] / max(1, index['tokens']):>6.1%}  {tasks}")
     lines.append("tasks: " + ", ".join(f"{t} {c['samples']} samples / {c['tokens'] / max(1, index['tokens']):.1%} "
                                        f"tokens" for t, c in sorted(index["tasks"].items())))
+    if index.get("bytes"):
+        per = index["bytes"] / max(1, index["tokens"])
+        lines.append(f"stored: {index['bytes']:,} bytes, {per:.1f} bytes per token")
+    b = index.get("build")
+    if b:
+        src = index.get("source", {})
+        lines.append(f"build: mode {src.get('mode')}, pages {src.get('image_format')} (quality "
+                     f"{src.get('image_quality')}), {b['documents']:,} documents, {b['workers']} worker(s), "
+                     f"{b['pages_this_run']:,} pages in {b['seconds']:.1f} s = {b['pages_per_s']:.1f} pages/s"
+                     + (f", {b['resumed_samples']:,} samples kept from the interrupted run" if b["resumed_samples"]
+                        else ""))
+        lines.append("dropped samples: " + (", ".join(f"{r} {n}" for r, n in b["dropped"].items()) or "none"))
+        lines.append("skipped input: " + (", ".join(f"{r} {n}" for r, n in b["skipped_input"].items()) or "none"))
     return "\n".join(lines)
 
 

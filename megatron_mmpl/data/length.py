@@ -26,16 +26,22 @@ def page_cost(width: int, height: int, improc: ImageProcessor) -> int:
 def crop_to_budget(image: Image.Image, budget: int, improc: ImageProcessor) -> Image.Image | None:
     """The top of `image`, at its processed resolution, with as many merged rows as fit in `budget` tokens
     (markers included); None if not even two rows fit. Its size is a fixed point of smart_resize."""
+    h, w = improc.resized_size(image.height, image.width)
+    rows = min(h // improc.cfg.factor, (budget - VISION_MARKERS) // (w // improc.cfg.factor))
+    if rows < 2 or rows * improc.cfg.factor * w < improc.cfg.min_pixels:
+        return None
+    return crop_rows(image, rows, improc)
+
+
+def crop_rows(image: Image.Image, rows: int, improc: ImageProcessor, keep: str = "top") -> Image.Image:
+    """The top (or bottom) `rows` merged rows of `image` at its processed resolution (rows · width/28 tokens)."""
     f = improc.cfg.factor
     h, w = improc.resized_size(image.height, image.width)
-    per_row = w // f
-    rows = min(h // f, (budget - VISION_MARKERS) // per_row)
-    if rows < 2 or rows * f * w < improc.cfg.min_pixels:
-        return None
     img = to_rgb(image)
     if (h, w) != (img.height, img.width):
         img = img.resize((w, h), resample=Image.Resampling.BICUBIC)
-    out = img.crop((0, 0, w, rows * f))
+    top = 0 if keep == "top" else h - rows * f
+    out = img.crop((0, top, w, top + rows * f))
     assert improc.resized_size(out.height, out.width) == (out.height, out.width)
     return out
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +21,8 @@ from megatron_mmpl.data.images import ImageProcessor, ImageProcessorConfig
 from megatron_mmpl.data.mixture import DrawSequence, PoolSet, PoolStream, pool_weights
 from megatron_mmpl.data.packing import PackingBuffer, ProcessedSample, collate_packed, padded_len
 from megatron_mmpl.data.schema import Sample
-from megatron_mmpl.data.shards import load_index, read_members
+from megatron_mmpl.data.shards import load_index, parse_members
+from megatron_mmpl.data.storage import RangeReader
 from megatron_mmpl.data.tokenizer import special_ids, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -53,6 +52,8 @@ class LoaderOptions:
     max_consecutive_failures: int = 8
     """Abort after this many undecodable samples in a row."""
     prefetch_factor: int = 2
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options for shards at a URL (e.g. {"anon": true} for a public S3 bucket, endpoint_url, ...)."""
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> LoaderOptions:
@@ -68,25 +69,19 @@ class LoaderOptions:
 class SampleDecoder:
     """Reads one sample by (pool, item) and turns it into ids, answer mask, 3D positions and patches."""
 
-    def __init__(self, root: str, ps: PoolSet, tokenizer, improc: ImageProcessor, rope_kwargs: dict):
+    def __init__(self, root: str, ps: PoolSet, tokenizer, improc: ImageProcessor, rope_kwargs: dict,
+                 storage_options: dict | None = None):
         self.root, self.ps, self.tok, self.improc, self.rope_kwargs = root, ps, tokenizer, improc, rope_kwargs
         self.ids = special_ids(tokenizer)
-        self._files: OrderedDict[int, object] = OrderedDict()
-
-    def _file(self, shard: int):
-        f = self._files.pop(shard, None)
-        if f is None:
-            f = open(os.path.join(self.root, self.ps.shard_paths[shard]), "rb")
-            if len(self._files) >= 16:
-                self._files.popitem(last=False)[1].close()
-        self._files[shard] = f
-        return f
+        self.reader = RangeReader(storage_options)  # local files or URL byte ranges (fsspec)
 
     def __call__(self, pool: int, item: int) -> ProcessedSample:
         from megatron_mmpl.models.qwen25vl.rope_index import rope_index
 
         p = self.ps.pools[pool]
-        key, members = read_members(self._file(int(p.shard[item])), int(p.offset[item]), int(p.nbytes[item]))
+        off = int(p.offset[item])
+        key, members = parse_members(self.reader.read(self.ps.shard_paths[int(p.shard[item])], off,
+                                                      int(p.nbytes[item])), off)
         s = Sample.from_members(key, members)
         pvs, grids = [], []
         for page in s.pages:
@@ -193,11 +188,11 @@ class LongDocDataset(torch.utils.data.IterableDataset):
         self.n_workers = max(1, opts.num_workers)
         self.root = opts.shards
         if pools is None:
-            index = load_index(opts.shards)
+            index = load_index(opts.shards, opts.storage_options)
             _check_build(index, tokenizer, image_processor)
             if image_processor is None:
                 image_processor = ImageProcessor(ImageProcessorConfig.from_dict(index["image_processor"]))
-            pools = PoolSet.from_index(opts.shards, index)
+            pools = PoolSet.from_index(opts.shards, index, opts.storage_options)
         self.ps = pools
         self.improc = image_processor or ImageProcessor()
         c = self.improc.cfg
@@ -211,7 +206,7 @@ class LongDocDataset(torch.utils.data.IterableDataset):
             rope_kwargs = rope_kwargs or dict(
                 spatial_merge_size=c.merge_size, tokens_per_second=2, image_token_id=sid.image_pad,
                 video_token_id=sid.video_pad, vision_start_token_id=sid.vision_start)
-            self.decoder = SampleDecoder(self.root, self.ps, tokenizer, self.improc, rope_kwargs)
+            self.decoder = SampleDecoder(self.root, self.ps, tokenizer, self.improc, rope_kwargs, opts.storage_options)
         self.start_states: dict[int, dict] = {}
         self.rotation = 0
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_mmpl.data.schema import TASK_FAMILIES
-from megatron_mmpl.data.shards import load_shard_samples, parse_length
+from megatron_mmpl.data.shards import load_all_shard_samples, parse_length
 
 log = logging.getLogger(__name__)
 BLOCK = 4096  # draws per RNG block
@@ -51,12 +51,16 @@ class PoolSet:
         self.edges = edges
 
     @classmethod
-    def from_index(cls, root: str, index: dict) -> PoolSet:
+    def from_index(cls, root: str, index: dict, storage_options: dict | None = None) -> PoolSet:
+        """The pools of a shard directory (path or URL); shard_paths are full locations."""
+        from megatron_mmpl.data.storage import join
+
         by: dict[tuple[str, str], list] = {}
         paths = []
-        for i, sh in enumerate(index["shards"]):
-            paths.append(sh["path"])
-            for key, off, nb, nt in load_shard_samples(root, sh):
+        rows_of = load_all_shard_samples(root, index["shards"], storage_options)
+        for i, (sh, rows) in enumerate(zip(index["shards"], rows_of)):
+            paths.append(join(root, sh["path"]))
+            for key, off, nb, nt in rows:
                 by.setdefault((sh["bucket"], sh["task"]), []).append((i, off, nb, nt, key))
         pools = []
         for (b, t), rows in by.items():

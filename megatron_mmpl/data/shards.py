@@ -1,8 +1,9 @@
 """WebDataset tar shards by length bucket: `<out>/<bucket>/<task>-NNNNNN.tar` + a per-shard offset index + index.json.
 
-The whole output is written into `<out>.tmp-<pid>` and renamed to `<out>` at the end, so a crashed build never
-looks finished; index.json (written last) is what the loader trusts. The per-shard `.idx.json` lists each sample's
-byte range in its tar, so the loader reads samples by offset (exact resume without replaying a stream).
+The whole output is written into `<out>.partial` and renamed to `<out>` at the end, so a crashed build never looks
+finished (a resumed build keeps its finished shards); index.json (written last) is what the loader trusts. The
+per-shard `.idx.json` lists each sample's byte range in its tar, so the loader reads samples by offset (exact
+resume without replaying a stream).
 """
 
 from __future__ import annotations
@@ -47,17 +48,19 @@ def bucket_of(n_tokens: int, edges) -> int:
 
 
 class ShardWriter:
-    """Routes samples to `<bucket>/<task>-NNNNNN.tar` by exact token length; call close() to publish."""
+    """Routes samples to `<bucket>/<task>-NNNNNN.tar` by exact token length; call close() to publish.
+
+    Everything is written under `<out>.partial` (locked against a second writer). `resume=True` keeps the finished
+    shards found there (a `.tar` beside its `.idx.json`; their keys are in `self.keys`) and removes half-written
+    ones; `params` must then equal the ones the partial output was started with.
+    """
 
     def __init__(self, out: str | os.PathLike, *, bucket_edges=DEFAULT_BUCKET_EDGES, shard_bytes: int = 256 << 20,
-                 info: dict | None = None, overwrite: bool = False):
+                 info: dict | None = None, overwrite: bool = False, resume: bool = False, params: dict | None = None):
         self.out = Path(out)
         if self.out.exists() and not overwrite:
             raise FileExistsError(f"{self.out} exists; pass --overwrite (overwrite=True) to replace it")
-        self.tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        self.tmp = self.out.with_name(f"{self.out.name}.partial")
         self.edges = tuple(sorted(int(e) for e in bucket_edges))
         self.shard_bytes = shard_bytes
         self.info = dict(info or {})
@@ -65,6 +68,51 @@ class ShardWriter:
         self._count: dict[tuple[str, str], int] = {}
         self.shards: list[dict] = []
         self.keys: set[str] = set()
+        params = json.loads(json.dumps(dict(params or {}, bucket_edges=list(self.edges))))
+        if resume and (self.tmp / "params.json").exists():
+            self._lock()
+            saved = json.loads((self.tmp / "params.json").read_text())
+            diff = sorted(k for k in set(saved) | set(params) if saved.get(k) != params.get(k))
+            if diff:
+                raise ValueError(f"--resume: {self.tmp} was started with other settings ({', '.join(diff)}: "
+                                 f"{[saved.get(k) for k in diff]} then, {[params.get(k) for k in diff]} now); rerun "
+                                 f"with the same ones, or without --resume to start over")
+            self._adopt_finished()
+        else:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir(parents=True)
+            self._lock()
+            _atomic_write(self.tmp / "params.json", json.dumps(params, indent=1).encode())
+
+    def _lock(self) -> None:
+        import fcntl
+
+        self._lock_file = open(self.tmp / ".lock", "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{self.tmp} is being written by another build; wait for it or choose another "
+                               f"--out") from None
+
+    def _adopt_finished(self) -> None:
+        """Keep finished shards of an interrupted run; delete the half-written rest."""
+        for p in self.tmp.rglob("*"):
+            if p.name.endswith(".part") or ".tmp" in p.name:
+                p.unlink()
+        for idx in sorted(self.tmp.glob("*/*.idx.json")):
+            rel_tar = idx.relative_to(self.tmp).as_posix()[: -len(".idx.json")] + ".tar"
+            if not (self.tmp / rel_tar).exists():
+                idx.unlink()
+                continue
+            samples = json.loads(idx.read_text())["samples"]
+            bucket, name = rel_tar.split("/")
+            task, _, n = name[: -len(".tar")].rpartition("-")
+            self._count[(bucket, task)] = max(self._count.get((bucket, task), 0), int(n) + 1)
+            self.shards.append(dict(path=rel_tar, index=idx.relative_to(self.tmp).as_posix(), bucket=bucket,
+                                    task=task, samples=len(samples), tokens=sum(s[3] for s in samples),
+                                    bytes=(self.tmp / rel_tar).stat().st_size))
+            self.keys.update(s[0] for s in samples)
 
     def add(self, sample: Sample) -> str:
         """Append a sample; returns its bucket name."""
@@ -111,7 +159,7 @@ class ShardWriter:
         os.replace(self.tmp / (rel + ".part"), self.tmp / rel)
         bucket, task = slot
         self.shards.append(dict(path=rel, index=idx, bucket=bucket, task=task, samples=len(cur["samples"]),
-                                tokens=sum(s[3] for s in cur["samples"])))
+                                tokens=sum(s[3] for s in cur["samples"]), bytes=(self.tmp / rel).stat().st_size))
 
     def close(self) -> dict:
         """Finish open shards, write index.json, move the tree into place; returns the index."""
@@ -119,6 +167,8 @@ class ShardWriter:
             self._finish(slot)
         index = build_index(self.shards, self.edges, self.info)
         _atomic_write(self.tmp / "index.json", json.dumps(index, indent=1).encode())
+        (self.tmp / ".lock").unlink()
+        self._lock_file.close()
         if self.out.exists():
             old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
             os.replace(self.out, old)
@@ -128,10 +178,14 @@ class ShardWriter:
             os.replace(self.tmp, self.out)
         return index
 
-    def abort(self) -> None:
+    def abort(self, keep: bool = False) -> None:
+        """Stop writing; `keep` leaves the finished shards for a `resume` (half-written ones are redone)."""
         for cur in self._open.values():
             cur["file"].close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._open.clear()
+        self._lock_file.close()
+        if not keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def build_index(shards: list[dict], edges, info: dict) -> dict:
@@ -154,6 +208,7 @@ def build_index(shards: list[dict], edges, info: dict) -> dict:
     return dict(
         version=INDEX_VERSION, created=time.strftime("%Y-%m-%dT%H:%M:%S"), bucket_edges=list(edges), **info,
         samples=sum(b["samples"] for b in buckets.values()), tokens=sum(b["tokens"] for b in buckets.values()),
+        bytes=sum(s.get("bytes", 0) for s in shards),
         tasks=tasks, buckets={k: v for k, v in buckets.items() if v["samples"]},
         shards=sorted(shards, key=lambda s: s["path"]),
     )
@@ -168,12 +223,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def load_index(root: str | os.PathLike) -> dict:
-    path = Path(root) / "index.json"
-    if not path.exists():
+def load_index(root: str | os.PathLike, storage_options: dict | None = None) -> dict:
+    """index.json of a shard directory (a path or a URL)."""
+    from megatron_mmpl.data.storage import join, read_bytes
+
+    path = join(root, "index.json")
+    try:
+        index = json.loads(read_bytes(path, storage_options))
+    except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: not a shard directory, or its build did not finish "
-                                f"(run `mmpl data build` / `mmpl data synth` to write one)")
-    index = json.loads(path.read_text())
+                                f"(run `mmpl data build` / `mmpl data synth` to write one)") from None
     if index.get("version") != INDEX_VERSION:
         raise ValueError(f"{path}: index version {index.get('version')} != {INDEX_VERSION}; rebuild the shards")
     return index
@@ -181,7 +240,15 @@ def load_index(root: str | os.PathLike) -> dict:
 
 def load_shard_samples(root: str | os.PathLike, shard: dict) -> list[list]:
     """[[key, offset, nbytes, n_tokens], ...] of one shard."""
-    return json.loads((Path(root) / shard["index"]).read_text())["samples"]
+    return load_all_shard_samples(root, [shard])[0]
+
+
+def load_all_shard_samples(root: str | os.PathLike, shards: list[dict],
+                           storage_options: dict | None = None) -> list[list[list]]:
+    """The offset index of every shard (fetched concurrently from a URL)."""
+    from megatron_mmpl.data.storage import join, read_many
+
+    return [json.loads(b)["samples"] for b in read_many([join(root, sh["index"]) for sh in shards], storage_options)]
 
 
 def read_members(f, offset: int, nbytes: int) -> tuple[str, dict[str, bytes]]:
@@ -190,6 +257,11 @@ def read_members(f, offset: int, nbytes: int) -> tuple[str, dict[str, bytes]]:
     chunk = f.read(nbytes)
     if len(chunk) != nbytes:
         raise ValueError(f"short read at offset {offset}: {len(chunk)} of {nbytes} bytes (truncated shard?)")
+    return parse_members(chunk, offset)
+
+
+def parse_members(chunk: bytes, offset: int = 0) -> tuple[str, dict[str, bytes]]:
+    """(key, {suffix: bytes}) of the tar bytes of one sample (read at `offset`, for messages)."""
     members, key = {}, None
     with tarfile.open(fileobj=io.BytesIO(chunk), mode="r:") as tar:
         for ti in tar:

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from megatron_mmpl.config.load import ConfigError
 
 
-def check_data_dir(path: str, hf=None) -> dict:
-    """Fail before any compute when data.shards is not a built shard dir, or its tokens are not the model's."""
+def check_data_dir(path: str, hf=None, storage_options: dict | None = None) -> dict:
+    """Fail before any compute when data.shards (a path or URL) is not a built shard dir, or its tokens are not
+    the model's."""
     from megatron_mmpl.config.hf_config import check_tokens_match
+    from megatron_mmpl.data.shards import load_index
+    from megatron_mmpl.data.storage import is_url
 
-    if not path or not os.path.isdir(path):
+    if not path or not (is_url(path) or os.path.isdir(path)):
         raise FileNotFoundError(f"data.shards={path!r} does not exist; build it with `mmpl data build` "
                                 "(or `mmpl data synth` for synthetic documents)")
-    index_path = os.path.join(path, "index.json")
-    if not os.path.isfile(index_path):
-        raise FileNotFoundError(f"data.shards={path!r} has no index.json; is it the output dir of `mmpl data build`?")
-    with open(index_path) as f:
-        index = json.load(f)
+    try:
+        index = load_index(path, storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data.shards={path!r} has no index.json; is it the output dir of `mmpl data build`?"
+                                ) from None
     if not index.get("tokenizer_name"):
         raise ConfigError(f"data.shards={path!r}: index.json names no tokenizer (tokenizer_name)")
     if hf is not None and index.get("special_ids"):
@@ -32,8 +34,8 @@ def check_mixture(data_cfg, index: dict) -> None:
     from megatron_mmpl.data.mixture import PoolSet, pool_weights
 
     try:
-        pool_weights(PoolSet.from_index(data_cfg.shards, index), data_cfg.recipe, data_cfg.task_weights,
-                     data_cfg.min_len, data_cfg.max_len)
+        pool_weights(PoolSet.from_index(data_cfg.shards, index, data_cfg.storage_options), data_cfg.recipe,
+                     data_cfg.task_weights, data_cfg.min_len, data_cfg.max_len)
     except ValueError as e:
         raise ConfigError(f"data.recipe/min_len/max_len/task_weights: {' '.join(str(e).split())}") from None
 
@@ -65,7 +67,7 @@ def open_batches(cfg, hf, dp_rank: int, dp_size: int, state: dict | None = None,
     from megatron_mmpl.data.loader import build_train_loader
     from megatron_mmpl.data.tokenizer import load_tokenizer
 
-    index = check_data_dir(cfg.data.shards)
+    index = check_data_dir(cfg.data.shards, storage_options=cfg.data.storage_options)
     loader = build_train_loader(cfg.data, load_tokenizer(index["tokenizer_name"]), dp_rank=dp_rank, dp_size=dp_size,
                                 pad_multiple=pad_multiple, hf_config=hf)
     if state is not None:

@@ -58,7 +58,7 @@ def preflight(cfg: Config, world_size: int):
     validate_layout(cfg, world_size, hf)
     if cfg.model.dtype != "fp32" and not torch.cuda.is_available():
         raise ConfigError(f"model.dtype={cfg.model.dtype} needs a GPU; on CPU set model.dtype=fp32")
-    check_mixture(cfg.data, check_data_dir(cfg.data.shards, hf))
+    check_mixture(cfg.data, check_data_dir(cfg.data.shards, hf, cfg.data.storage_options))
     start = plan_start(cfg)
     if start[0] == "model":
         check_matches_checkpoint(hf, cfg.model, start[1])
@@ -87,7 +87,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     config_yaml = dump_yaml(cfg)
     if rank == 0:
         dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-        tokenizer = check_data_dir(cfg.data.shards).get("tokenizer_name")
+        tokenizer = check_data_dir(cfg.data.shards, storage_options=cfg.data.storage_options).get("tokenizer_name")
         side_source = start_path if start_kind == "model" else None
         if start_kind == "resume":
             side_source = ckpt.iter_dir(start_path, ckpt.latest_step(start_path))
