@@ -13,19 +13,10 @@ from pathlib import Path
 
 import torch
 
-from megatron_mmpl.conversion.atomic_dir import atomic_directory, check_target
-from megatron_mmpl.conversion.hf_checkpoint import SIDE_FILES
-from megatron_mmpl.conversion.import_hf import HF_DIR, parse_dtype
+from megatron_mmpl.conversion.import_hf import parse_dtype
 from megatron_mmpl.conversion.safetensors_shards import write_sharded_safetensors
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A dist checkpoint dir: `path` itself, or the latest complete `iter_*` of a training run dir."""
-    from megatron_mmpl.training.checkpoint import classify_load_path, iter_dir, latest_step
-
-    if classify_load_path(path) == "resume":
-        return Path(iter_dir(path, latest_step(path)))
-    return Path(path)
+from megatron_mmpl.storage.atomic import atomic_directory, check_target
+from megatron_mmpl.storage.checkpoint_dir import HF_DIR, SIDE_FILES, resolve_checkpoint
 
 
 def model_source(ckpt: Path, override: str | None = None):
@@ -72,7 +63,7 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config_path: str | None = None, 
     from megatron_mmpl.conversion import dist_layout, mapping
 
     check_target(out_dir, overwrite)
-    ckpt = resolve_checkpoint(ckpt_dir)
+    ckpt = Path(resolve_checkpoint(ckpt_dir))
     hf_config, side_dir, run = model_source(ckpt, hf_config_path)
     tokenizer = tokenizer or run.get("data", {}).get("tokenizer")
     target = parse_dtype(dtype) if dtype else _dtype_of(hf_config)
@@ -118,6 +109,6 @@ def _write_side_files(out: Path, side_dir: Path | None, hf_config, tokenizer: st
                 "--tokenizer (qwen2 | tiny | <hf dir>) so the export loads with AutoProcessor, or --tokenizer none "
                 "for weights and config only"
             )
-        from megatron_mmpl.conversion.processor_files import write_processor_files
+        from megatron_mmpl.data.processor_files import write_processor_files
 
         write_processor_files(out, hf_config, tokenizer)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from megatron_mmpl.conversion.atomic_dir import atomic_directory, check_target
-from megatron_mmpl.conversion.hf_checkpoint import SIDE_FILES, HFCheckpoint
+from megatron_mmpl.conversion.hf_checkpoint import HFCheckpoint
+from megatron_mmpl.storage.atomic import atomic_directory, check_target
+from megatron_mmpl.storage.checkpoint_dir import HF_DIR, SIDE_FILES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HF_DIR = "mmpl/hf"
 
 
 def parse_dtype(name: str) -> torch.dtype:

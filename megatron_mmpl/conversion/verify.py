@@ -42,10 +42,10 @@ def verify(hf_dir: str, ckpt_dir: str, tp: int = 1, pp: int = 1) -> dict:
     """Logit agreement of the HF checkpoint and the MCore checkpoint (both evaluated in fp32 on CPU or GPU)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_mmpl.conversion.export_hf import resolve_checkpoint
     from megatron_mmpl.conversion.hf_checkpoint import HFCheckpoint
     from megatron_mmpl.models.qwen25vl.testing import hf_logits, mm_prompt
     from megatron_mmpl.parallel.spawn import run_distributed
+    from megatron_mmpl.storage.checkpoint_dir import resolve_checkpoint
 
     src = HFCheckpoint(hf_dir)
     ckpt = resolve_checkpoint(ckpt_dir)

@@ -15,6 +15,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_mmpl.storage.atomic import atomic_directory
+
 # Qwen2.5(-VL) added tokens in id order, starting right after the 151,643 BPE ranks (<|endoftext|> = 151643).
 QWEN_ADDED_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
@@ -168,12 +170,8 @@ def build_qwen2_tokenizer(tiktoken_path: str | os.PathLike | None = None, cache_
     if len(vocab) != QWEN_FIRST_ADDED_ID:
         raise ValueError(f"{path}: {len(vocab)} ranks, expected {QWEN_FIRST_ADDED_ID} (Qwen2's BPE)")
     tok = _hf_tokenizer(vocab, merges, QWEN_FIRST_ADDED_ID)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process won the race: use theirs
-        pass
+    with atomic_directory(out, keep_existing=True) as tmp:  # another process may build the same cache: theirs wins
+        tok.save_pretrained(tmp)
     return tok
 
 

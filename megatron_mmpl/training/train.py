@@ -86,7 +86,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
         tokenizer = check_data_dir(cfg.data.shards).get("tokenizer_name")
         side_source = start_path if start_kind == "model" else None
         if start_kind == "resume":
-            side_source = ckpt.iter_dir(start_path, ckpt.latest_step(start_path))
+            side_source = ckpt.resolve_checkpoint(start_path)
         ckpt.write_hf_side_files(hf_side_dir, hf, side_source, tokenizer)
 
     # Model: this rank's chunk, frozen parts, weights of a converted checkpoint, DDP + distributed optimizer.

@@ -71,7 +71,7 @@ def test_tp2_follows_tp1_on_gpus(tmp_path):
     run_distributed(save_start_checkpoint, 1, start, 0, tuple(GPU))
     args = overrides(str(tmp_path), *GPU, "schedule.train_steps=5", "optim.warmup=0", f"checkpoint.load={start}")
     (tp1,) = run_distributed(_train_gpu, 1, [*args, f"run_dir={tmp_path / 'tp1'}"])
-    tp2 = run_distributed(_train_gpu, 2, [*args, f"run_dir={tmp_path / 'tp2'}", "parallel.tp=2"])
+    tp2 = run_distributed(_train_gpu, 2, [*args, f"run_dir={tmp_path / 'tp2'}", "parallel.tp=2"], device="cuda")
     for r in tp2:  # bf16 with another reduction order: close, not equal (exact parity: the CPU fp32 test)
         rel = {s: abs(r["losses"][s] - v) / v for s, v in tp1["losses"].items()}
         print("TP2 vs TP1 rel. loss diff:", {s: f"{d:.1e}" for s, d in rel.items()})

@@ -13,13 +13,14 @@ from megatron_mmpl.data.tokenizer import (
     build_tiny_tokenizer,
     special_ids,
 )
+from tests.requires import require_module
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
 def qwen2():
-    pytest.importorskip("dashscope", reason="Qwen's BPE ranks ship in the dashscope package ([dev] extra)")
+    require_module("dashscope", "Qwen's BPE ranks ship in the dashscope package ([dev] extra)")
     return build_qwen2_tokenizer()
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# Qwen2.5-VL's released image processor settings (preprocessor_config.json), minus the pixel bounds.
-IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
-IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+from megatron_mmpl.data.images import CLIP_MEAN, CLIP_STD
 
 
 def write_processor_files(out: Path, hf_config, tokenizer_spec: str, min_pixels: int = 3136,
@@ -33,7 +31,7 @@ def write_processor_files(out: Path, hf_config, tokenizer_spec: str, min_pixels:
     (out / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
         "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "do_convert_rgb": True, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD, "resample": 3,
+        "do_convert_rgb": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "resample": 3,
         "min_pixels": min_pixels, "max_pixels": max_pixels,
         "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
         "patch_size": vc.patch_size, "temporal_patch_size": vc.temporal_patch_size,

@@ -1,8 +1,8 @@
 """Exports carry tokenizer, image-processor and chat-template files that transformers loads: the tokenizer's special
-ids equal the model config's, the image processor has Qwen2.5-VL's settings, and — where torchvision is installed
-(transformers' video processor needs it; the GPU machine has it) — `AutoProcessor.from_pretrained` works."""
-
-import importlib.util
+ids equal the model config's, the image processor has Qwen2.5-VL's settings, the chat template renders image
+placeholders, and `AutoProcessor.from_pretrained` works (on the GPU machine: it needs torchvision for its video
+processor, and no torchvision build runs beside CI's torch==2.13.0 CPU wheel — PyPI's torchvision 0.28.0, the
+release for torch 2.13, fails to import there with "operator torchvision::nms does not exist")."""
 
 import pytest
 
@@ -13,7 +13,7 @@ QUICKSTART_IDS = dict(vocab_size=512, image_token_id=492, video_token_id=493, vi
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    from megatron_mmpl.conversion.processor_files import write_processor_files
+    from megatron_mmpl.data.processor_files import write_processor_files
     from megatron_mmpl.models.qwen25vl.presets import hf_config_from_preset
 
     out = tmp_path_factory.mktemp("export")
@@ -36,14 +36,27 @@ def test_tokenizer_and_image_processor_load_with_transformers(export_dir):
 
 
 def test_wrong_tokenizer_for_the_model_is_refused(tmp_path):
-    from megatron_mmpl.conversion.processor_files import write_processor_files
+    from megatron_mmpl.data.processor_files import write_processor_files
     from megatron_mmpl.models.qwen25vl.presets import hf_config_from_preset
 
     with pytest.raises(ValueError, match="disagrees with the model config on special ids"):
         write_processor_files(tmp_path, hf_config_from_preset("tiny"), "tiny")  # test preset: other ids
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="transformers' processors need torchvision")
+def test_chat_template_renders_image_placeholders(export_dir):
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(export_dir)
+    template = json.loads((export_dir / "chat_template.json").read_text())["chat_template"]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which page is marked?"}]}]
+    text = tok.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
+    assert "<|vision_start|><|image_pad|><|vision_end|>Which page is marked?" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.gpu  # needs torchvision (see the module docstring), which the GPU machine has
 def test_auto_processor_loads_the_export(export_dir):
     from transformers import AutoProcessor
 
