@@ -59,6 +59,15 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism for norms/dropout regions; needs tp > 1."""
 
+    @property
+    def pad_multiple(self) -> int:
+        """Every packed sample is padded to a multiple of this many tokens (the loader pads, the planner and the
+        config checks require data.max_seq_len to be one): 2·cp, so the zigzag CP split deals whole chunks,
+        times tp under sequence parallelism; 1 without CP or SP."""
+        if self.cp == 1 and not self.sequence_parallel:
+            return 1
+        return 2 * self.cp * (self.tp if self.sequence_parallel else 1)
+
 
 @dataclass
 class DataConfig:

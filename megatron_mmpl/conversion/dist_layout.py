@@ -27,12 +27,12 @@ def meta_layout(hf_config, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Te
     import torch.distributed as dist
 
     from megatron_mmpl.models.qwen25vl.build import build_model
-    from megatron_mmpl.parallel.process_groups import initialize_parallel
+    from megatron_mmpl.parallel.process_groups import Layout, initialize_parallel
 
     if not dist.is_initialized():  # a 1-rank group; first, as it installs the CPU runtime's torch-function mode,
         initialize_parallel()      # which must outlive the `meta` device context below
     with torch.device("meta"):
-        model = build_model(hf_config, dtype=dtype, overrides={"perform_initialization": False})
+        model = build_model(hf_config, Layout(), dtype=dtype, overrides={"perform_initialization": False})
     return model.sharded_state_dict(), dict(model.named_parameters())
 
 

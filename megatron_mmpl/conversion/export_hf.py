@@ -24,7 +24,7 @@ def model_source(ckpt: Path, override: str | None = None):
     --hf-config, else the converter's copy (mmpl/hf/), else the training run's resolved config (mmpl/config.yaml)."""
     from transformers import Qwen2_5_VLConfig
 
-    from megatron_mmpl.config.hf_config import load_hf_dict
+    from megatron_mmpl.models.qwen25vl.presets import load_hf_dict
 
     run = {}
     if (ckpt / "mmpl" / "config.yaml").is_file():
@@ -60,7 +60,8 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config_path: str | None = None, 
     """
     from tqdm import tqdm
 
-    from megatron_mmpl.conversion import dist_layout, mapping
+    from megatron_mmpl.conversion import dist_layout
+    from megatron_mmpl.models.qwen25vl import hf_mapping as mapping
 
     check_target(out_dir, overwrite)
     ckpt = Path(resolve_checkpoint(ckpt_dir))

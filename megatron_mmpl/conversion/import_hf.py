@@ -46,7 +46,8 @@ def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrite: bool 
     from megatron.core import dist_checkpointing
     from tqdm import tqdm
 
-    from megatron_mmpl.conversion import dist_layout, mapping
+    from megatron_mmpl.conversion import dist_layout
+    from megatron_mmpl.models.qwen25vl import hf_mapping as mapping
 
     t0 = time.time()
     target = parse_dtype(dtype)

@@ -18,8 +18,8 @@ def _rank_logits(ckpt: str, hf_config_dict: dict, batch: dict, tp: int, pp: int)
     from megatron_mmpl.parallel.process_groups import initialize_parallel
     from megatron_mmpl.training.checkpoint import load_model_weights
 
-    initialize_parallel(tp=tp, pp=pp)
-    model = build_model(Qwen2_5_VLConfig(**hf_config_dict), dtype=torch.float32,
+    layout = initialize_parallel(tp=tp, pp=pp)
+    model = build_model(Qwen2_5_VLConfig(**hf_config_dict), layout, dtype=torch.float32,
                         overrides={"perform_initialization": False}).eval()
     load_model_weights(ckpt, model)
     keys = ("pixel_values", "image_grid_thw")

@@ -62,7 +62,15 @@ class LoaderOptions:
         if getattr(cfg, "micro_batch_size", 1) != 1:
             raise ValueError(f"data.micro_batch_size={cfg.micro_batch_size}: packed rows are b=1; raise max_seq_len "
                              f"or the number of micro-batches per step instead")
-        return cls(**kw)
+        return cls(**kw).checked()
+
+    def checked(self) -> LoaderOptions:
+        """These options, if a row of max_seq_len can be built from samples padded to pad_multiple."""
+        if not self.shards:
+            raise ValueError("data.shards is empty: point it at a directory written by `mmpl data build` / `synth`")
+        if self.pad_to_max_len and self.max_seq_len % self.pad_multiple:
+            raise ValueError(f"max_seq_len={self.max_seq_len} is not a multiple of pad_multiple={self.pad_multiple}")
+        return self
 
 
 class SampleDecoder:
@@ -312,12 +320,8 @@ def build_train_loader(data_cfg, tokenizer, *, dp_rank: int | None = None, dp_si
     max_seq_len, num_workers, seed; optional LoaderOptions fields); dp rank/size default to parallel_state's;
     pad_multiple: 2·CP·TP when sequence/context parallel needs it; hf_config: Qwen2_5_VLConfig for rope ids."""
     opts = LoaderOptions.from_config(data_cfg, pad_multiple=pad_multiple, **overrides)
-    if not opts.shards:
-        raise ValueError("data.shards is empty: point it at a directory written by `mmpl data build` / `synth`")
     if dp_rank is None or dp_size is None:
         dp_rank, dp_size = dp_rank_and_size()
-    if opts.pad_to_max_len and opts.max_seq_len % opts.pad_multiple:
-        raise ValueError(f"max_seq_len={opts.max_seq_len} is not a multiple of pad_multiple={opts.pad_multiple}")
     rope_kwargs = None
     if hf_config is not None:
         from megatron_mmpl.models.qwen25vl.rope_index import rope_index_kwargs

@@ -8,7 +8,7 @@ import os
 from megatron_mmpl.config.load import ConfigError
 
 
-def check_data_dir(path: str, hf=None) -> dict:
+def check_data_dir(path: str, spec=None) -> dict:
     """Fail before any compute when data.shards is not a built shard dir, or its tokens are not the model's."""
     from megatron_mmpl.config.hf_config import check_tokens_match
 
@@ -22,8 +22,8 @@ def check_data_dir(path: str, hf=None) -> dict:
         index = json.load(f)
     if not index.get("tokenizer_name"):
         raise ConfigError(f"data.shards={path!r}: index.json names no tokenizer (tokenizer_name)")
-    if hf is not None and index.get("special_ids"):
-        check_tokens_match(hf, index["special_ids"], f"data.shards={path!r}")
+    if spec is not None and index.get("special_ids"):
+        check_tokens_match(spec, index["special_ids"], f"data.shards={path!r}")
     return index
 
 

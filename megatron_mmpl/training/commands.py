@@ -44,7 +44,7 @@ def _train(args) -> int:
     from megatron_mmpl.training.train import preflight, train
 
     if args.check:
-        _, (kind, path) = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        _, _, (kind, path) = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         print(f"config ok; start: {kind}{f' from {path}' if path else ''}")
         return 0
     result = train(cfg)

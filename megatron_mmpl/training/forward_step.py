@@ -70,7 +70,8 @@ class ForwardStep:
         inputs = self._split_for_context_parallel(batch)
         output = model(
             input_ids=batch["input_ids"], position_ids=inputs["position_ids"], labels=inputs["labels"],
-            packed_seq_params=inputs["packed_seq_params"], **{k: batch[k] for k in VISION_KEYS if k in batch},
+            packed_seq_params=inputs["packed_seq_params"], cp_plan=inputs.get("cp_plan"),
+            **{k: batch[k] for k in VISION_KEYS if k in batch},
         )
         return output, partial(loss_func, inputs["loss_mask"])
 
@@ -104,8 +105,5 @@ class ForwardStep:
                         packed_seq_params=packed_seq_params(batch["cu_seqlens"], self.device))
         local = split_packed_batch(batch, self.cp_rank, self.cp_size, multiple=self.seq_multiple,
                                    keys=("labels", "loss_mask", "position_ids"))
-        plan = local["cp_plan"]
-        if self.module.pre_process:
-            self.module.split_merged_embeddings = lambda emb: plan.split(emb, seq_dim=0)  # [s, b, h] → share
         return dict(position_ids=local["position_ids"], labels=local["labels"], loss_mask=local["loss_mask"],
-                    packed_seq_params=packed_seq_params(local["cu_seqlens"], self.device))
+                    packed_seq_params=packed_seq_params(local["cu_seqlens"], self.device), cp_plan=local["cp_plan"])

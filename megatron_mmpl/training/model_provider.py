@@ -23,12 +23,12 @@ def transformer_overrides(cfg: Config) -> dict:
     return out
 
 
-def build_model_chunk(cfg: Config, hf) -> torch.nn.Module:
-    """`models.qwen25vl.build.build_model` for this rank (parallel_state must be initialised)."""
-    from megatron_mmpl.models.qwen25vl.build import build_model
+def build_model_chunk(cfg: Config, spec, layout) -> torch.nn.Module:
+    """`models.qwen25vl.build.build_model` for this rank under `layout` (what initialize_parallel returned)."""
+    from megatron_mmpl.models.qwen25vl.build import build_model  # lazy: megatron's import costs seconds
 
     module = build_model(
-        hf, first_stage_layers=cfg.parallel.first_stage_layers, sequence_parallel=cfg.parallel.sequence_parallel,
+        spec, layout, first_stage_layers=cfg.parallel.first_stage_layers, sequence_parallel=cfg.parallel.sequence_parallel,
         dtype=DTYPES[cfg.model.dtype],
         attention_backend=None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend,
         overrides=transformer_overrides(cfg),

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_mmpl.config import Config, ConfigError, dump_yaml, train_steps, validate_config, validate_layout
 from megatron_mmpl.config.hf_config import check_matches_checkpoint, resolve_hf_config
+from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 from megatron_mmpl.training import checkpoint as ckpt
 from megatron_mmpl.training.batches import check_data_dir, check_mixture, open_batches
 from megatron_mmpl.training.flops import FlopModel, peak_tflops
@@ -50,17 +51,19 @@ def plan_start(cfg: Config) -> tuple[str, str | None]:
 
 
 def preflight(cfg: Config, world_size: int):
-    """All checks that need no process group: config values, layout vs model shapes, inputs on disk."""
+    """All checks that need no process group: config values, layout vs model shapes, inputs on disk.
+    Returns the HF config, the model's spec (built once, here) and how the run starts."""
     validate_config(cfg)
     hf = resolve_hf_config(cfg.model)
-    validate_layout(cfg, world_size, hf)
+    spec = ModelSpec.from_hf(hf)
+    validate_layout(cfg, world_size, spec)
     if cfg.model.dtype != "fp32" and not torch.cuda.is_available():
         raise ConfigError(f"model.dtype={cfg.model.dtype} needs a GPU; on CPU set model.dtype=fp32")
-    check_mixture(cfg.data, check_data_dir(cfg.data.shards, hf))
+    check_mixture(cfg.data, check_data_dir(cfg.data.shards, spec))
     start = plan_start(cfg)
     if start[0] == "model":
-        check_matches_checkpoint(hf, cfg.model, start[1])
-    return hf, start
+        check_matches_checkpoint(spec, cfg.model, start[1])
+    return hf, spec, start
 
 
 def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
@@ -73,10 +76,10 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     from megatron_mmpl.training.model_provider import build_model_chunk
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    hf, (start_kind, start_path) = preflight(cfg, world_size)
+    hf, spec, (start_kind, start_path) = preflight(cfg, world_size)
     hf_side_dir = os.path.join(cfg.run_dir, "hf_files")  # HF config + tokenizer, copied into each checkpoint
     p, d = cfg.parallel, cfg.data
-    initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.seed)
+    layout = initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.seed)
     rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     num_microbatches = d.global_batch_size // (d.micro_batch_size * dp)
     total_steps = train_steps(cfg)
@@ -90,7 +93,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
         ckpt.write_hf_side_files(hf_side_dir, hf, side_source, tokenizer)
 
     # Model: this rank's chunk, frozen parts, weights of a converted checkpoint, DDP + distributed optimizer.
-    module = build_model_chunk(cfg, hf)
+    module = build_model_chunk(cfg, spec, layout)
     freeze(module, cfg)
     if start_kind == "model":
         ckpt.load_model_weights(start_path, module)
@@ -108,12 +111,12 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
         state, data_state = ckpt.resume(start_path, model, optimizer, scheduler)
 
     # Data: this data-parallel rank's packed micro-batches (TP/PP/CP peers read the same ones).
-    seq_multiple = 2 * p.cp * (p.tp if p.sequence_parallel else 1) if (p.cp > 1 or p.sequence_parallel) else 1
+    seq_multiple = p.pad_multiple
     batches = open_batches(cfg, hf, dp_rank=dp_rank, dp_size=dp, state=data_state, pad_multiple=seq_multiple)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     first_of_replica = (ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
                         and ps.get_context_parallel_rank() == 0)
-    step_fn = ForwardStep(module, FlopModel.from_hf(hf), device, DTYPES[cfg.model.dtype], first_of_replica,
+    step_fn = ForwardStep(module, FlopModel(spec), device, DTYPES[cfg.model.dtype], first_of_replica,
                           cp_rank=ps.get_context_parallel_rank(), cp_size=p.cp, seq_multiple=seq_multiple)
     forward_backward = get_forward_backward_func()
     loss_reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0

@@ -9,7 +9,7 @@ from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from megatron_mmpl.models.qwen25vl.configs import VisionDims
+from megatron_mmpl.models.qwen25vl.spec import VisionSpec
 from megatron_mmpl.models.qwen25vl.specs import (
     VisionSegments,
     block_spec,
@@ -26,7 +26,7 @@ from megatron_mmpl.models.qwen25vl.vision_geometry import (
 class Qwen25VisionModel(MegatronModule):
     """pixel_values [n_patches, C·T·P·P] + grid_thw [n, 3] → merged tokens [n_patches / m², LM hidden]."""
 
-    def __init__(self, config, projector_config, dims: VisionDims, layer_spec):
+    def __init__(self, config, projector_config, dims: VisionSpec, layer_spec):
         super().__init__(config=config)
         self.dims = dims
         k = (dims.temporal_patch_size, dims.patch_size, dims.patch_size)

@@ -5,8 +5,9 @@ import types
 import pytest
 import torch
 
-from megatron_mmpl.models.qwen25vl.configs import megatron_configs, rope_settings
+from megatron_mmpl.models.qwen25vl.configs import megatron_configs
 from megatron_mmpl.models.qwen25vl.presets import PRESETS, hf_config_from_preset, preset_dict
+from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 
 pytestmark = pytest.mark.unit
 
@@ -25,17 +26,17 @@ def test_released_presets(name, layers, hidden, heads, groups, ffn, vocab, tied)
     lm, vis = c.language, c.vision
     got = (lm.num_layers, lm.hidden_size, lm.num_attention_heads, lm.num_query_groups)
     assert got == (layers, hidden, heads, groups)
-    assert (lm.ffn_hidden_size, c.vocab_size, c.tie_embeddings) == (ffn, vocab, tied)
-    assert lm.kv_channels == 128 and c.mrope_section == [16, 24, 24] and c.rotary_base == 1e6
+    assert (lm.ffn_hidden_size, c.spec.vocab, c.spec.tied) == (ffn, vocab, tied)
+    assert lm.kv_channels == 128 and c.spec.mrope_section == (16, 24, 24) and c.spec.rope_theta == 1e6
     assert lm.add_qkv_bias and not lm.add_bias_linear and lm.gated_linear_unit and lm.layernorm_epsilon == 1e-6
     vision_ffn = 3456 if name in ("qwen25vl-32b", "qwen25vl-72b") else 3420  # as released
     assert (vis.num_layers, vis.hidden_size, vis.num_attention_heads, vis.ffn_hidden_size) == (32, 1280, 16, vision_ffn)
     assert vis.add_bias_linear and vis.gated_linear_unit
-    d = c.vision_dims
+    d = c.spec.vision
     assert d.fullatt_block_indexes == (7, 15, 23, 31) and d.window_size == 112 and d.out_hidden_size == hidden
     assert d.patch_dim == 3 * 2 * 14 * 14
     assert c.projector.ffn_hidden_size == 4 * 1280 and c.projector.hidden_size == hidden
-    assert (c.image_token_id, c.video_token_id) == (151655, 151656)
+    assert (c.spec.tokens.image, c.spec.tokens.video) == (151655, 151656)
 
 
 def test_dims_come_from_the_config():
@@ -51,13 +52,13 @@ def test_dims_come_from_the_config():
     lm, vis = c.language, c.vision
     assert (lm.hidden_size, lm.num_attention_heads, lm.num_query_groups, lm.ffn_hidden_size, lm.num_layers) == (
         96, 6, 3, 80, 3)
-    assert (c.vocab_size, lm.layernorm_epsilon, c.rotary_base, c.mrope_section) == (300, 1e-5, 5e5, [4, 2, 2])
+    assert (c.spec.vocab, lm.layernorm_epsilon, c.spec.rope_theta, c.spec.mrope_section) == (300, 1e-5, 5e5, (4, 2, 2))
     assert lm.activation_func is torch.nn.functional.gelu
     assert (vis.num_layers, vis.hidden_size, vis.ffn_hidden_size, vis.num_attention_heads, vis.kv_channels) == (
         5, 48, 40, 3, 16)
     x = torch.tensor([0.3, -1.0])
     assert torch.allclose(vis.activation_func(x), x * torch.sigmoid(1.702 * x))
-    dims = c.vision_dims
+    dims = c.spec.vision
     assert (dims.patch_size, dims.temporal_patch_size, dims.spatial_merge_size, dims.in_channels) == (8, 1, 3, 1)
     assert dims.fullatt_block_indexes == (0, 4) and dims.patch_dim == 64
     assert c.projector.ffn_hidden_size == 48 * 9
@@ -69,15 +70,18 @@ def test_old_and_new_rope_layouts_agree():
     tc = old.pop("text_config")
     rp = tc.pop("rope_parameters")
     flat = {**old, **tc, "rope_theta": rp["rope_theta"], "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
-    a, b = megatron_configs(new), megatron_configs(flat)
-    assert (a.rotary_base, a.mrope_section) == (b.rotary_base, b.mrope_section) == (1e4, [2, 3, 3])
+    a, b = megatron_configs(new).spec, megatron_configs(flat).spec
+    assert (a.rope_theta, a.mrope_section) == (b.rope_theta, b.mrope_section) == (1e4, (2, 3, 3))
     # a pre-transformers-5 config object: no rope_parameters, text fields at the top level
-    legacy = types.SimpleNamespace(rope_theta=2e6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
-    assert rope_settings(legacy) == (2e6, [16, 24, 24])
+    legacy = types.SimpleNamespace(**{k: v for k, v in preset_dict("qwen25vl-7b").items() if k != "vision_config"},
+                                   vision_config=types.SimpleNamespace(**preset_dict("qwen25vl-7b")["vision_config"]))
+    legacy.rope_theta = 2e6
+    m = ModelSpec.from_hf(legacy)
+    assert (m.rope_theta, m.mrope_section, m.hidden, m.vision.depth) == (2e6, (16, 24, 24), 3584, 32)
 
 
 def test_tied_flag_from_top_level():
-    assert megatron_configs("tiny-tied").tie_embeddings and not megatron_configs("tiny").tie_embeddings
+    assert megatron_configs("tiny-tied").spec.tied and not megatron_configs("tiny").spec.tied
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ one error listing every uncovered tensor, and lazy tensor-by-tensor streaming.""
 import pytest
 import torch
 
-from megatron_mmpl.conversion.mapping import (
+from megatron_mmpl.models.qwen25vl.hf_mapping import (
     detect_naming,
     hf_to_mcore,
     hf_to_mcore_dict,
