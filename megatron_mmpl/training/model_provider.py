@@ -28,7 +28,8 @@ def build_model_chunk(cfg: Config, spec, layout) -> torch.nn.Module:
     from megatron_mmpl.models.qwen25vl.build import build_model  # lazy: megatron's import costs seconds
 
     module = build_model(
-        spec, layout, first_stage_layers=cfg.parallel.first_stage_layers, sequence_parallel=cfg.parallel.sequence_parallel,
+        spec, layout, first_stage_layers=cfg.parallel.first_stage_layers,
+        sequence_parallel=cfg.parallel.sequence_parallel,
         dtype=DTYPES[cfg.model.dtype],
         attention_backend=None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend,
         overrides=transformer_overrides(cfg),

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 DEFAULT_MROPE_SECTION = (16, 24, 24)
 # transformers' defaults (Qwen2_5_VL{Text,Vision,}Config) for fields a config.json may leave out; the shape fields
 # themselves have no default. tests/unit/models/test_spec.py checks these against transformers.
-_TEXT_DEFAULTS = dict(num_key_value_heads=8, hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=32768, initializer_range=0.02,
-                      rope_theta=1e6, bos_token_id=151643, eos_token_id=151645)
+_TEXT_DEFAULTS = dict(num_key_value_heads=8, hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=32768,
+                      initializer_range=0.02, rope_theta=1e6, bos_token_id=151643, eos_token_id=151645)
 _VISION_DEFAULTS = dict(hidden_act="silu", in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                         tokens_per_second=4, window_size=112, fullatt_block_indexes=(7, 15, 23, 31),
                         rope_theta=10000.0)
