@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.planner import LoadPlanner
 _LAYER = re.compile(r"^(language_model|vision_model)\.decoder\.layers\.(\d+)\.")
 
 
-def meta_layout(hf_config, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
+def meta_layout(spec, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
     """(the full TP1/PP1 model's sharded state dict on the meta device, its parameters by name, also on meta)."""
     import torch.distributed as dist
 
@@ -32,7 +32,7 @@ def meta_layout(hf_config, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Te
     if not dist.is_initialized():  # a 1-rank group; first, as it installs the CPU runtime's torch-function mode,
         initialize_parallel()      # which must outlive the `meta` device context below
     with torch.device("meta"):
-        model = build_model(hf_config, Layout(), dtype=dtype, overrides={"perform_initialization": False})
+        model = build_model(spec, Layout(), dtype=dtype, overrides={"perform_initialization": False})
     return model.sharded_state_dict(), dict(model.named_parameters())
 
 

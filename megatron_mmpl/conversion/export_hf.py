@@ -15,6 +15,7 @@ import torch
 
 from megatron_mmpl.conversion.import_hf import parse_dtype
 from megatron_mmpl.conversion.safetensors_shards import write_sharded_safetensors
+from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 from megatron_mmpl.storage.atomic import atomic_directory, check_target
 from megatron_mmpl.storage.checkpoint_dir import HF_DIR, SIDE_FILES, resolve_checkpoint
 
@@ -68,13 +69,14 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config_path: str | None = None, 
     hf_config, side_dir, run = model_source(ckpt, hf_config_path)
     tokenizer = tokenizer or run.get("data", {}).get("tokenizer")
     target = parse_dtype(dtype) if dtype else _dtype_of(hf_config)
-    sharded, params = dist_layout.meta_layout(hf_config, target)
+    spec = ModelSpec.from_hf(hf_config)
+    sharded, params = dist_layout.meta_layout(spec, target)
     reader = dist_layout.GroupReader(ckpt, sharded, params)
     conv = ckpt / "mmpl" / "conversion.json"
     naming = naming or (json.loads(conv.read_text()).get("naming") if conv.is_file() else None) or "original"
-    stream = mapping.mcore_to_hf(reader.get, hf_config, names=reader.names, naming=naming)
+    stream = mapping.mcore_to_hf(reader.get, spec, names=reader.names, naming=naming)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        n_hf = sum(len(e.hf) for e in mapping.plan(hf_config, naming))
+        n_hf = sum(len(e.hf) for e in mapping.plan(spec, naming))
         tensors = ((name, t.to(target)) for name, t in stream)
         written = write_sharded_safetensors(
             tqdm(tensors, total=n_hf, desc="mcore→hf", unit="tensor", disable=not progress), tmp,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from megatron_mmpl.conversion.hf_checkpoint import HFCheckpoint
+from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 from megatron_mmpl.storage.atomic import atomic_directory, check_target
 from megatron_mmpl.storage.checkpoint_dir import HF_DIR, SIDE_FILES
 
@@ -55,9 +56,10 @@ def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrite: bool 
     ckpt = HFCheckpoint(hf_dir)
     source_dtype = check_source_dtypes(ckpt)
     hf_config = ckpt.hf_config()
-    stream = mapping.hf_to_mcore(ckpt, hf_config)  # checks coverage before reading any tensor
-    sharded, params = dist_layout.meta_layout(hf_config, target)
-    expected = set(mapping.mcore_names(hf_config))
+    spec = ModelSpec.from_hf(hf_config)
+    stream = mapping.hf_to_mcore(ckpt, spec)  # checks coverage before reading any tensor
+    sharded, params = dist_layout.meta_layout(spec, target)
+    expected = set(mapping.mcore_names(spec))
     if set(params) != expected:
         raise ValueError(
             f"model/mapping mismatch: parameters without a rule {sorted(set(params) - expected)}, "

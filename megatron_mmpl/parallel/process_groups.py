@@ -1,4 +1,5 @@
-"""Process groups: torch.distributed + megatron parallel_state, with the CPU runtime on CUDA-less machines."""
+"""Process groups: torch.distributed + megatron parallel_state, with the CPU runtime (compat/cpu_runtime.py) on
+CUDA-less machines for as long as the groups exist."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_mmpl.parallel.cpu_runtime import apply_cpu_runtime
+from megatron_mmpl.compat.cpu_runtime import apply_cpu_runtime, remove_cpu_runtime
 from megatron_mmpl.parallel.ports import free_port
 
 
@@ -70,3 +71,4 @@ def destroy_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    remove_cpu_runtime()

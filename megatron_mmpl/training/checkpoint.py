@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_mmpl.compat.optimizer import allocate_adam_state, skip_adam_step_on_param_state_load, unshare_adam_steps
 from megatron_mmpl.storage.atomic import atomic_write, replace_directory
 from megatron_mmpl.storage.checkpoint_dir import (  # noqa: F401 - the trainer reads the layout through this module
     HF_DIR,
@@ -156,65 +157,6 @@ def load_model_weights(path: str, model) -> None:
     module.load_state_dict(loaded["model"], strict=True)
 
 
-def _allocate_adam_state(optimizer) -> None:
-    """Give a fresh optimizer zero Adam state (step 0) so that it can describe what it loads.
-
-    megatron 0.16.1 `DistributedOptimizer.sharded_state_dict(is_loading=True)` first calls `state_dict()`, which
-    with torch's Adam (no TE/apex installed) asserts one common 'step' over a state that does not exist yet.
-    Every value allocated here is overwritten by the load. (With TE/apex, megatron allocates the state itself.)
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
-        return
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        if inner is None or len(inner.state):
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
-
-
-def _skip_adam_step_on_param_state_load(optimizer) -> None:
-    """Let megatron 0.16.1 load fully_reshardable param state into torch's Adam.
-
-    `DistributedOptimizer._set_main_param_and_optimizer_states` copies every key of the live Adam state, which
-    for torch's Adam (no TE/apex) includes 'step', while the loaded tensors deliberately leave 'step' out (it is
-    restored from the param groups): hide 'step' during that copy.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not hasattr(opt, "_set_main_param_and_optimizer_states"):
-            continue
-        original = opt._set_main_param_and_optimizer_states
-
-        def set_states(model_param, tensors, opt=opt, original=original):
-            group_index, group_order = opt.model_param_group_index_map[model_param]
-            state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
-            step = state.pop("step", None) if "step" not in tensors else None
-            try:
-                original(model_param, tensors)
-            finally:
-                if step is not None:
-                    state["step"] = step
-
-        opt._set_main_param_and_optimizer_states = set_states
-
-
-def _unshare_adam_steps(optimizer) -> None:
-    """Give every parameter its own Adam 'step' tensor again.
-
-    megatron 0.16.1 (torch Adam path) restores one shared 'step' tensor into all parameters' states; torch's
-    Adam increments each state's step in place, so a shared tensor would advance once per parameter per step.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for state in (inner.state.values() if inner is not None else ()):
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-
-
 def resume(root: str, model, optimizer, scheduler) -> tuple[TrainState, dict | None]:
     """Restore model, optimizer, scheduler, counters and RNG from the latest complete checkpoint in `root`.
 
@@ -229,16 +171,16 @@ def resume(root: str, model, optimizer, scheduler) -> tuple[TrainState, dict | N
     path = iter_dir(root, step)
     module = model.module if hasattr(model, "module") else model
     model_sd = module.sharded_state_dict()
-    _allocate_adam_state(optimizer)
+    allocate_adam_state(optimizer)
     sharded = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_SHARDING),
     }
     loaded = dist_checkpointing.load(sharded, path)
     module.load_state_dict(loaded["model"], strict=True)
-    _skip_adam_step_on_param_state_load(optimizer)
+    skip_adam_step_on_param_state_load(optimizer)
     optimizer.load_state_dict(loaded["optimizer"])
-    _unshare_adam_steps(optimizer)
+    unshare_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     ts = dict(loaded["train_state"])
     state = TrainState(step=ts.pop("step"), consumed_samples=ts.pop("consumed_samples"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_mmpl.compat.schedules import variable_length_pipeline
 from megatron_mmpl.config import Config
 from megatron_mmpl.training.optimizer import DTYPES
 
@@ -12,9 +13,7 @@ def transformer_overrides(cfg: Config) -> dict:
     """TransformerConfig fields the trainer sets on the LM, ViT and merger configs."""
     out = {"calculate_per_token_loss": True}
     if cfg.parallel.pp > 1:
-        # Packed rows may differ in length between steps: exchange p2p shapes instead of fixing seq_length.
-        # (megatron 0.16.1 rejects that with its default MoE dispatcher even in a dense model: name another.)
-        out.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
+        out.update(variable_length_pipeline())
     if cfg.model.recompute == "selective":
         out.update(recompute_granularity="selective", recompute_modules=["core_attn"])
     elif cfg.model.recompute == "full":

@@ -2,7 +2,7 @@
 
 Runs under torchrun (RANK/WORLD_SIZE/... in the env) or as one process. Megatron does the work: the pipeline
 schedule (1F1B over micro-batches), DDP with the distributed optimizer, dist checkpoints. On CPU the same
-megatron code runs through parallel/cpu_runtime.py (fp32, gloo).
+megatron code runs through compat/cpu_runtime.py (fp32, gloo).
 """
 
 from __future__ import annotations

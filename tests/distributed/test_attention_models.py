@@ -12,7 +12,8 @@ def build_gpt(tp=1, cp=1, pp=1, sequence_parallel=False, backend=None, stock_att
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_mmpl.attention.specs import gpt_layer_spec, use_per_token_mrope_under_cp
+    from megatron_mmpl.compat.rope import use_per_token_mrope_under_cp
+    from megatron_mmpl.compat.specs import gpt_layer_spec
 
     cfg = TransformerConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,

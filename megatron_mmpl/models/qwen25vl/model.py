@@ -7,6 +7,7 @@ from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_mmpl.compat.rope import apply_inv_freq, use_per_token_mrope_under_cp
 from megatron_mmpl.models.qwen25vl.configs import Qwen25VLConfigs
 from megatron_mmpl.models.qwen25vl.language_model import LanguageModel
 from megatron_mmpl.models.qwen25vl.specs import block_spec, language_layer_spec, vision_layer_spec
@@ -48,11 +49,9 @@ class Qwen25VLModel(MegatronModule):
             rotary_base=cfgs.spec.rope_theta, scatter_embedding_sequence_parallel=False, vp_stage=vp_stage,
         )
         if "rope_inv_freq" in cfgs.extra:  # linear / YaRN length extension (spec.rope_scaling)
-            from megatron_mmpl.attention.rope_scaling import apply_inv_freq
 
             apply_inv_freq(self.language_model, cfgs.extra["rope_inv_freq"])
         if cfgs.language.context_parallel_size > 1:
-            from megatron_mmpl.attention.specs import use_per_token_mrope_under_cp
 
             use_per_token_mrope_under_cp(self.language_model)
         self.share_embeddings_and_output_weights = cfgs.spec.tied

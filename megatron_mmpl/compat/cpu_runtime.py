@@ -2,7 +2,8 @@
 
 Megatron assumes CUDA in a few places. Each patch below names the megatron call it serves. The patches are
 applied by `apply_cpu_runtime()`, which our process-group initialisation calls explicitly (never on import),
-and which does nothing when CUDA is available.
+and which does nothing when CUDA is available; `remove_cpu_runtime()` (called when the process groups are
+destroyed) restores every patched function and leaves the torch-function mode.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.overrides import TorchFunctionMode
 
-_APPLIED = False
+_ACTIVE: dict = {}  # while applied: the original functions and the entered mode
 
 
 def _is_cuda_device(device) -> bool:
@@ -52,13 +53,17 @@ class CudaToCpuMode(TorchFunctionMode):
 
 def apply_cpu_runtime() -> bool:
     """Patch megatron/torch CUDA entry points for a CPU-only process. Returns True when patches are active."""
-    global _APPLIED
     if torch.cuda.is_available():
         return False
-    if _APPLIED:
+    if _ACTIVE:
         return True
     import megatron.core.tensor_parallel.random as mrandom
 
+    originals = {
+        (torch.cuda, name): getattr(torch.cuda, name)
+        for name in ("current_device", "synchronize", "get_rng_state", "set_rng_state", "manual_seed")
+    }
+    originals.update({(mrandom, n): getattr(mrandom, n) for n in ("_get_cuda_rng_state", "_set_cuda_rng_state")})
     # torch.cuda.current_device(): megatron passes it as `device=` (schedules, p2p, DDP buffers, and the
     # sequence-parallel all-gather buffers in tensor_parallel.layers' backward, where CudaToCpuMode is not
     # active): answering "cpu" makes those allocations land on CPU without the mode.
@@ -73,6 +78,26 @@ def apply_cpu_runtime() -> bool:
     mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     # Factory calls with device="cuda" / current_device() inside megatron (see CudaToCpuMode).
-    CudaToCpuMode().__enter__()
-    _APPLIED = True
+    mode = CudaToCpuMode()
+    mode.__enter__()
+    _ACTIVE.update(originals=originals, mode=mode)
     return True
+
+
+def remove_cpu_runtime() -> None:
+    """Undo `apply_cpu_runtime` (no-op when it is not active)."""
+    if not _ACTIVE:
+        return
+    from torch.overrides import _get_current_function_mode
+
+    if _get_current_function_mode() is not _ACTIVE["mode"]:
+        raise RuntimeError("cannot undo the CPU runtime: another torch function mode (e.g. a `with torch.device(...)`"
+                           " block) was entered after it and is still active; leave it before destroy_parallel()")
+    for (owner, name), fn in _ACTIVE["originals"].items():
+        setattr(owner, name, fn)
+    _ACTIVE["mode"].__exit__(None, None, None)
+    _ACTIVE.clear()
+
+
+def cpu_runtime_active() -> bool:
+    return bool(_ACTIVE)

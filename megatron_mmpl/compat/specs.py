@@ -1,9 +1,11 @@
-"""Layer specs with CoreAttention swapped into megatron's local GPT spec (nothing else changed)."""
+"""Layer specs: megatron's local GPT spec (`get_gpt_layer_local_spec`) with our CoreAttention swapped in, and a
+torch RMSNorm built by megatron's norm constructor; nothing else changed."""
 
 from __future__ import annotations
 
 import copy
 
+import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_mmpl.attention.backend import check_backend
@@ -29,13 +31,11 @@ def gpt_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False, b
                                backend)
 
 
-def use_per_token_mrope_under_cp(gpt_model) -> None:
-    """Stop megatron re-slicing M-RoPE for CP: our position ids are already this rank's zigzag share.
+class RMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm with megatron's norm constructor. Under sequence parallelism its weight is marked
+    `sequence_parallel`, so megatron's finalize_model_grads sums its gradient over TP (as apex/TE norms do;
+    megatron's own torch-norm wrapper refuses sequence parallelism)."""
 
-    megatron 0.16.1 `MultimodalRotaryEmbedding.forward` slices its output along the whole row into 2·CP chunks
-    (`get_pos_emb_on_this_cp_rank`) when its cp_group has >1 rank; that is right only for unsplit, contiguous
-    positions. With packed samples split per segment it must see no CP group. Call once after building GPTModel.
-    """
-    rope = getattr(gpt_model, "rotary_pos_emb", None)
-    if rope is not None and hasattr(rope, "cp_group"):
-        rope.cp_group = None
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
