@@ -18,7 +18,9 @@ pytestmark = pytest.mark.distributed
 IMAGES = [4, ("image", 1, 4, 6), 2, ("image", 1, 8, 4), 2]  # text before, between, after; 26 tokens
 TEXT = [10]
 VIDEO = [2, ("video", 4, 4, 4, 0.5), 3]  # 8 frames (temporal_patch 2), second_per_grid 0.5
-LOGIT_TOL, BLOCK_TOL, GRAD_TOL = 1e-4, 1e-5, 1e-4
+# fp32 on CPU; observed (printed with -s): logits ≤ 4e-6 (2.2e-5 for the tied model), ViT blocks ≤ 1.1e-6,
+# gradients ≤ 1.6e-6 relative. README quotes these asserted bounds.
+LOGIT_TOL, BLOCK_TOL, GRAD_TOL = 5e-5, 1e-5, 1e-5
 MODEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
