@@ -9,7 +9,7 @@ destroyed) restores every patched function and leaves the torch-function mode.
 from __future__ import annotations
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode
 
 _ACTIVE: dict = {}  # while applied: the original functions and the entered mode
 
@@ -88,7 +88,6 @@ def remove_cpu_runtime() -> None:
     """Undo `apply_cpu_runtime` (no-op when it is not active)."""
     if not _ACTIVE:
         return
-    from torch.overrides import _get_current_function_mode
 
     if _get_current_function_mode() is not _ACTIVE["mode"]:
         raise RuntimeError("cannot undo the CPU runtime: another torch function mode (e.g. a `with torch.device(...)`"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_mmpl.attention.backend import check_backend
@@ -25,7 +26,6 @@ def with_core_attention(layer_spec: ModuleSpec, backend: str | None = None) -> M
 
 def gpt_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False, backend: str | None = None):
     """megatron `get_gpt_layer_local_spec` with CoreAttention: the LM decoder layer spec for packed rows and CP."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return with_core_attention(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm),
                                backend)

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import torch
 
+from megatron_mmpl.conversion import dist_layout
 from megatron_mmpl.conversion.import_hf import parse_dtype
 from megatron_mmpl.conversion.safetensors_shards import write_sharded_safetensors
+from megatron_mmpl.models.qwen25vl import hf_mapping as mapping
+from megatron_mmpl.models.qwen25vl.presets import load_hf_dict
 from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 from megatron_mmpl.storage.atomic import atomic_directory, check_target
 from megatron_mmpl.storage.checkpoint_dir import HF_DIR, SIDE_FILES, resolve_checkpoint
@@ -25,7 +28,6 @@ def model_source(ckpt: Path, override: str | None = None):
     --hf-config, else the converter's copy (mmpl/hf/), else the training run's resolved config (mmpl/config.yaml)."""
     from transformers import Qwen2_5_VLConfig
 
-    from megatron_mmpl.models.qwen25vl.presets import load_hf_dict
 
     run = {}
     if (ckpt / "mmpl" / "config.yaml").is_file():
@@ -61,8 +63,6 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config_path: str | None = None, 
     """
     from tqdm import tqdm
 
-    from megatron_mmpl.conversion import dist_layout
-    from megatron_mmpl.models.qwen25vl import hf_mapping as mapping
 
     check_target(out_dir, overwrite)
     ckpt = Path(resolve_checkpoint(ckpt_dir))

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_mmpl.conversion import dist_layout
 from megatron_mmpl.conversion.hf_checkpoint import HFCheckpoint
+from megatron_mmpl.models.qwen25vl import hf_mapping as mapping
 from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 from megatron_mmpl.storage.atomic import atomic_directory, check_target
 from megatron_mmpl.storage.checkpoint_dir import HF_DIR, SIDE_FILES
@@ -47,8 +49,6 @@ def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrite: bool 
     from megatron.core import dist_checkpointing
     from tqdm import tqdm
 
-    from megatron_mmpl.conversion import dist_layout
-    from megatron_mmpl.models.qwen25vl import hf_mapping as mapping
 
     t0 = time.time()
     target = parse_dtype(dtype)

@@ -22,6 +22,9 @@ from PIL import Image
 from megatron_mmpl.data.images import ImageProcessor
 from megatron_mmpl.data.length import count_tokens, crop_to_budget, encode_png, page_cost
 from megatron_mmpl.data.schema import TASKS, Sample, document_messages
+from megatron_mmpl.data.shards import DEFAULT_BUCKET_EDGES, ShardWriter
+from megatron_mmpl.data.synth import NAMES, PageRenderer
+from megatron_mmpl.data.tokenizer import special_ids, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 PDF_DPI = 144
@@ -170,8 +173,6 @@ def write_build(manifest, out, *, targets: list[int], tokenizer, tokenizer_name:
                 seed: int = 0, max_seq_len: int | None = None, bucket_edges=None, crop_fill: bool = True,
                 overwrite: bool = False, shard_bytes: int = 256 << 20) -> dict:
     """Build every (QA item × target) sample of the manifest into shards; returns the index."""
-    from megatron_mmpl.data.shards import DEFAULT_BUCKET_EDGES, ShardWriter
-    from megatron_mmpl.data.tokenizer import special_ids, tokenizer_fingerprint
 
     if max_seq_len is not None and max(targets) > max_seq_len:
         raise ValueError(f"target length {max(targets)} > max_seq_len={max_seq_len}: such samples could never be "
@@ -204,7 +205,6 @@ def write_build(manifest, out, *, targets: list[int], tokenizer, tokenizer_name:
 
 def write_synth_manifest(out_dir, n_docs: int = 4, pages_per_doc: int = 6, page_px=(224, 280), seed: int = 0):
     """Small page-image documents + a manifest (one extract_single QA per doc), to exercise `mmpl data build`."""
-    from megatron_mmpl.data.synth import NAMES, PageRenderer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from megatron_mmpl.data.packing import PackingBuffer, ProcessedSample, collate_p
 from megatron_mmpl.data.schema import Sample
 from megatron_mmpl.data.shards import load_index, read_members
 from megatron_mmpl.data.tokenizer import special_ids, tokenizer_fingerprint
+from megatron_mmpl.models.qwen25vl.rope_index import rope_index, rope_index_kwargs
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -91,7 +92,6 @@ class SampleDecoder:
         return f
 
     def __call__(self, pool: int, item: int) -> ProcessedSample:
-        from megatron_mmpl.models.qwen25vl.rope_index import rope_index
 
         p = self.ps.pools[pool]
         key, members = read_members(self._file(int(p.shard[item])), int(p.offset[item]), int(p.nbytes[item]))
@@ -324,7 +324,6 @@ def build_train_loader(data_cfg, tokenizer, *, dp_rank: int | None = None, dp_si
         dp_rank, dp_size = dp_rank_and_size()
     rope_kwargs = None
     if hf_config is not None:
-        from megatron_mmpl.models.qwen25vl.rope_index import rope_index_kwargs
 
         rope_kwargs = rope_index_kwargs(hf_config)
     ds = LongDocDataset(opts, tokenizer, dp_rank, dp_size, image_processor, rope_kwargs)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_mmpl.data.chat_template import QWEN25VL_CHAT_TEMPLATE
 from megatron_mmpl.data.images import CLIP_MEAN, CLIP_STD
+from megatron_mmpl.data.tokenizer import load_tokenizer, special_ids
 
 
 def write_processor_files(out: Path, hf_config, tokenizer_spec: str, min_pixels: int = 3136,
                           max_pixels: int = 12845056) -> None:
     """Write tokenizer files, preprocessor_config.json and chat_template.json into `out`."""
-    from megatron_mmpl.data.chat_template import QWEN25VL_CHAT_TEMPLATE
-    from megatron_mmpl.data.tokenizer import load_tokenizer, special_ids
 
     tok = load_tokenizer(tokenizer_spec)
     ids = special_ids(tok)

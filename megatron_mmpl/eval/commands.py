@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+from megatron_mmpl.eval.report import report
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate an exported Hugging Face checkpoint")
@@ -22,8 +27,6 @@ def register(subparsers) -> None:
 
 
 def _needle(args) -> int:
-    import json
-    import os
 
     from megatron_mmpl.eval.needle import evaluate_needle
 
@@ -43,7 +46,6 @@ def _needle(args) -> int:
 
 
 def _report(args) -> int:
-    from megatron_mmpl.eval.report import report
 
     print(report(args.run, args.png))
     return 0

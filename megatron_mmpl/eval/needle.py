@@ -10,11 +10,13 @@ import os
 
 import torch
 
+from megatron_mmpl.data.schema import Sample
+from megatron_mmpl.data.shards import load_index, load_shard_samples, read_members
+from megatron_mmpl.data.tokenizer import load_tokenizer
+
 
 def iter_samples(shards: str, limit: int | None = None):
     """The Samples of a shard directory, in index order."""
-    from megatron_mmpl.data.schema import Sample
-    from megatron_mmpl.data.shards import load_index, load_shard_samples, read_members
 
     index = load_index(shards)
     n = 0
@@ -55,8 +57,6 @@ def evaluate_needle(model_dir: str, shards: str, limit: int | None = None) -> di
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_mmpl.data.images import ImageProcessor, ImageProcessorConfig
-    from megatron_mmpl.data.shards import load_index
-    from megatron_mmpl.data.tokenizer import load_tokenizer
 
     index = load_index(shards)
     tokenizer = load_tokenizer(index["tokenizer_name"])

@@ -9,9 +9,12 @@ that needs more GPUs than there are.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import multiprocessing as mp
 import os
 import pickle
+import queue as queue_mod
+import time
 import traceback
 
 from megatron_mmpl.parallel.ports import free_port
@@ -36,7 +39,6 @@ def _context():
 
 
 def _importable(name: str) -> bool:
-    import importlib.util
 
     try:
         return importlib.util.find_spec(name.split(".")[0]) is not None
@@ -107,8 +109,6 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, env: dic
         for p in procs:
             p.start()
     results: dict[int, tuple[bool, object]] = {}
-    import queue as queue_mod
-    import time
 
     deadline = time.monotonic() + timeout
     try:

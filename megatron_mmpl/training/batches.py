@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 
+from megatron_mmpl.config.hf_config import check_tokens_match
 from megatron_mmpl.config.load import ConfigError
+from megatron_mmpl.data.tokenizer import load_tokenizer
 
 
 def check_data_dir(path: str, spec=None) -> dict:
     """Fail before any compute when data.shards is not a built shard dir, or its tokens are not the model's."""
-    from megatron_mmpl.config.hf_config import check_tokens_match
 
     if not path or not os.path.isdir(path):
         raise FileNotFoundError(f"data.shards={path!r} does not exist; build it with `mmpl data build` "
@@ -63,7 +64,6 @@ class Batches:
 def open_batches(cfg, hf, dp_rank: int, dp_size: int, state: dict | None = None, pad_multiple: int = 1) -> Batches:
     """The data pipeline's loader for this data-parallel rank, restored from `state` when resuming."""
     from megatron_mmpl.data.loader import build_train_loader
-    from megatron_mmpl.data.tokenizer import load_tokenizer
 
     index = check_data_dir(cfg.data.shards)
     loader = build_train_loader(cfg.data, load_tokenizer(index["tokenizer_name"]), dp_rank=dp_rank, dp_size=dp_size,

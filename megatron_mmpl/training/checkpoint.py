@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -94,7 +95,6 @@ def write_hf_side_files(out: str, hf, load_path: str | None, tokenizer_name: str
     for f in copied:
         shutil.copy2(os.path.join(source, f), os.path.join(out, f))
     if not copied and tokenizer_name:
-        from pathlib import Path
 
         from megatron_mmpl.data.processor_files import write_processor_files
 
@@ -145,16 +145,6 @@ def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, c
                 shutil.rmtree(iter_dir(root, old), ignore_errors=True)
     _barrier()
     return final
-
-
-def load_model_weights(path: str, model) -> None:
-    """Load only the model from a dist checkpoint (e.g. a converted HF checkpoint), at any TP/PP."""
-    from megatron.core import dist_checkpointing
-
-    module = model.module if hasattr(model, "module") else model
-    model_sd = module.sharded_state_dict()
-    loaded = dist_checkpointing.load({"model": model_sd}, path, strict="raise_unexpected")
-    module.load_state_dict(loaded["model"], strict=True)
 
 
 def resume(root: str, model, optimizer, scheduler) -> tuple[TrainState, dict | None]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import warnings
 
 
 def register(subparsers) -> None:
@@ -25,8 +27,6 @@ def register(subparsers) -> None:
 
 
 def _train(args) -> int:
-    import os
-    import warnings
 
     # megatron-core warns on import that TE/apex are absent (expected on CPU and without the `te` extra).
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")

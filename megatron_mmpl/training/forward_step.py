@@ -13,6 +13,8 @@ from functools import partial
 
 import torch
 
+from megatron_mmpl.parallel.context_parallel import packed_seq_params, split_packed_batch
+
 # Batch entries the model takes besides input_ids / position_ids / labels.
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
@@ -98,7 +100,6 @@ class ForwardStep:
 
     def _split_for_context_parallel(self, batch: dict) -> dict:
         """This rank's zigzag share of positions/labels/loss mask; merged embeddings are split the same way."""
-        from megatron_mmpl.parallel.context_parallel import packed_seq_params, split_packed_batch
 
         if self.cp_size == 1 and self.seq_multiple == 1:
             return dict(position_ids=batch["position_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],

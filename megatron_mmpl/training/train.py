@@ -19,11 +19,13 @@ import torch.distributed as dist
 from megatron_mmpl.config import Config, ConfigError, dump_yaml, train_steps, validate_config, validate_layout
 from megatron_mmpl.config.hf_config import check_matches_checkpoint, resolve_hf_config
 from megatron_mmpl.models.qwen25vl.spec import ModelSpec
+from megatron_mmpl.parallel.process_groups import initialize_parallel
 from megatron_mmpl.training import checkpoint as ckpt
 from megatron_mmpl.training.batches import check_data_dir, check_mixture, open_batches
 from megatron_mmpl.training.flops import FlopModel, peak_tflops
 from megatron_mmpl.training.forward_step import ForwardStep
 from megatron_mmpl.training.logger import RunLogger
+from megatron_mmpl.training.model_provider import build_model_chunk
 from megatron_mmpl.training.optimizer import DTYPES, build_optimizer, current_lr, freeze, wrap_ddp
 from megatron_mmpl.training.signals import StopSignal
 
@@ -72,8 +74,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_mmpl.parallel.process_groups import initialize_parallel
-    from megatron_mmpl.training.model_provider import build_model_chunk
+    from megatron_mmpl.models.qwen25vl.build import load_model_weights
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     hf, spec, (start_kind, start_path) = preflight(cfg, world_size)
@@ -96,7 +97,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     module = build_model_chunk(cfg, spec, layout)
     freeze(module, cfg)
     if start_kind == "model":
-        ckpt.load_model_weights(start_path, module)
+        load_model_weights(start_path, module)
     model = wrap_ddp(module, cfg)
     optimizer, scheduler = build_optimizer(model, cfg)
     mcfg = module.config

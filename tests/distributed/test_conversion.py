@@ -95,9 +95,8 @@ def _resave(mc_dir, out_dir, hf_dir, tp, pp):
     from transformers import Qwen2_5_VLConfig
 
     from megatron_mmpl.conversion.hf_checkpoint import HFCheckpoint
-    from megatron_mmpl.models.qwen25vl.build import build_model
+    from megatron_mmpl.models.qwen25vl.build import build_model, load_model_weights
     from megatron_mmpl.parallel.process_groups import initialize_parallel
-    from megatron_mmpl.training.checkpoint import load_model_weights
 
     layout = initialize_parallel(tp=tp, pp=pp)
     model = build_model(Qwen2_5_VLConfig(**HFCheckpoint(hf_dir).config_dict), layout, dtype=torch.float32,

@@ -10,6 +10,7 @@ import torch
 from megatron_mmpl.models.qwen25vl.configs import megatron_configs
 from megatron_mmpl.models.qwen25vl.model import Qwen25VLModel
 from megatron_mmpl.parallel.process_groups import Layout
+from megatron_mmpl.parallel.tensor_shards import gather_full_state_dict, load_full_state_dict
 
 _LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
 _TIED_OUT = "language_model.output_layer.weight"
@@ -75,13 +76,21 @@ def full_name(model: Qwen25VLModel, local_name: str) -> str:
 
 def load_full_weights(model: Qwen25VLModel, full: dict[str, torch.Tensor]) -> None:
     """Copy a full (TP=1, PP=1) MCore state dict into this rank's part, in place."""
-    from megatron_mmpl.parallel.tensor_shards import load_full_state_dict
 
     load_full_state_dict(model, full, rename=partial(full_name, model))
 
 
 def gather_full_weights(model: Qwen25VLModel, grads: bool = False) -> dict[str, torch.Tensor]:
     """This stage's parameters (or gradients) as full TP=1 tensors under full-model names (every TP rank)."""
-    from megatron_mmpl.parallel.tensor_shards import gather_full_state_dict
 
     return gather_full_state_dict(model, grads=grads, rename=partial(full_name, model))
+
+
+def load_model_weights(path: str, model) -> None:
+    """Load only the model from a dist checkpoint (e.g. a converted HF checkpoint), at any TP/PP."""
+    from megatron.core import dist_checkpointing  # lazy: only checkpoint loading needs it
+
+    module = model.module if hasattr(model, "module") else model
+    model_sd = module.sharded_state_dict()
+    loaded = dist_checkpointing.load({"model": model_sd}, path, strict="raise_unexpected")
+    module.load_state_dict(loaded["model"], strict=True)

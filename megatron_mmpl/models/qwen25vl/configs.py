@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from megatron_mmpl.attention.rope_scaling import mrope_inv_freq
+from megatron_mmpl.compat.rope import set_rope_softmax_scale
 from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 
 # HF activation names → functions (those Qwen2.5-VL checkpoints use, plus close relatives).
@@ -141,8 +143,6 @@ def megatron_configs(
     )
     extra = {}
     if m.rope_scaling is not None:  # inverse frequencies swapped in after the build; YaRN's factor via softmax_scale
-        from megatron_mmpl.attention.rope_scaling import mrope_inv_freq
-        from megatron_mmpl.compat.rope import set_rope_softmax_scale
 
         extra["rope_inv_freq"], attn_factor = mrope_inv_freq(head_dim, m.rope_theta, m.rope_scaling)
         set_rope_softmax_scale(language, attn_factor)

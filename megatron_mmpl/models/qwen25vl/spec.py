@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_mmpl.models.qwen25vl.presets import load_hf_dict
+
 # transformers' default when a config carries no mrope_section.
 DEFAULT_MROPE_SECTION = (16, 24, 24)
 # transformers' defaults (Qwen2_5_VL{Text,Vision,}Config) for fields a config.json may leave out; the shape fields
@@ -116,7 +118,6 @@ class ModelSpec:
         if isinstance(hf_config, ModelSpec):
             return hf_config
         if isinstance(hf_config, str):
-            from megatron_mmpl.models.qwen25vl.presets import load_hf_dict
 
             hf_config = load_hf_dict(hf_config)
         return cls.from_hf(hf_config)
