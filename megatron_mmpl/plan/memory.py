@@ -96,7 +96,7 @@ def layer_activation_bytes(h: int, heads: int, kv: int, ffn: int, head_dim: int,
     K/V of the CP all-gather excluded (see `gathered_kv_bytes`). q = heads·head_dim; kv = groups·head_dim.
 
     Counted from the tensors autograd saves in megatron's local layer with our CoreAttention (the unit test
-    tests/unit/launch/test_activation_memory.py checks this against a real layer to the byte), in elements of
+    tests/unit/plan/test_activation_memory.py checks this against a real layer to the byte), in elements of
     the activation dtype per token; `sp` divides the norm regions by tp (sequence parallel), else replicated:
       attention: RMSNorm input h/sp, QKV-linear input h/sp, the QKV output buffer (q + 2kv)/tp (V is a view
         of it, so attention keeps it alive), RoPE'd q q/tp and k kv/tp, per-segment SDPA outputs q/tp and their
