@@ -13,11 +13,12 @@ import copy
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from megatron_mmpl.config.schema import DataConfig
 from megatron_mmpl.data.chat_template import render
 from megatron_mmpl.data.images import ImageProcessor, ImageProcessorConfig
 from megatron_mmpl.data.mixture import DrawSequence, PoolSet, PoolStream, pool_weights
@@ -32,28 +33,12 @@ STATE_VERSION = 1
 
 
 @dataclass
-class LoaderOptions:
-    """Everything the loader reads; `from_config` takes a DataConfig (or any object with these attributes)."""
+class LoaderOptions(DataConfig):
+    """Everything the loader reads: the run's data section (documented in config/schema.py) and the padding
+    multiple of the parallel layout; `from_config` takes a DataConfig (or any object with some of these fields)."""
 
-    shards: str = ""
-    recipe: str = "balanced"
-    min_len: int = 32768
-    max_len: int = 131072
-    task_weights: dict = field(default_factory=lambda: {"extraction": 0.8, "reasoning": 0.2})
-    max_seq_len: int = 131072
-    num_workers: int = 2
-    seed: int = 1234
-    pack_buffer: int = 16
-    """Samples held for first-fit-decreasing packing (per worker)."""
     pad_multiple: int = 1
-    """Pad each sample to a multiple of this (2·CP·TP with context parallelism)."""
-    pad_to_max_len: bool = False
-    """Fill every row to max_seq_len with a padding segment (static shapes)."""
-    skip_long: bool = True
-    """A sample longer than max_seq_len is skipped and counted (False: raise)."""
-    max_consecutive_failures: int = 8
-    """Abort after this many undecodable samples in a row."""
-    prefetch_factor: int = 2
+    """Pad each sample to a multiple of this (ParallelConfig.pad_multiple: 2·CP, times TP with SP)."""
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> LoaderOptions:
