@@ -85,15 +85,17 @@ def _rank_main(fn, rank, world_size, port, env, args_bytes, queue):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, env: dict | None = None,
-                    device: str = "auto") -> list:
+                    device: str | None = None) -> list:
     """Run `fn(*args)` in `world_size` ranks; return the per-rank results (rank order).
 
     `fn` must be importable by reference (a module-level function). A rank that raises fails the call with
     every failing rank's traceback; ranks still running at `timeout` seconds are killed. `device`: see
-    `rank_device` (CPU ranks on a GPU host see no CUDA device at all, so megatron takes its CPU/gloo path).
+    `rank_device` (CPU ranks on a GPU host see no CUDA device at all, so megatron takes its CPU/gloo path);
+    default: $MMPL_RANK_DEVICE, else "auto" (the test suite sets "cpu": its distributed tests are CPU fp32 checks
+    on every machine, and tests/gpu asks for "cuda").
     """
     env = dict(env or {})
-    if rank_device(world_size, device) == "cpu":
+    if rank_device(world_size, device or os.environ.get("MMPL_RANK_DEVICE", "auto")) == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     ctx = _context()
     queue = ctx.Queue()
