@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from megatron_mmpl.plan.command import PRESET_DIR
 from tests.integration.slurm_cluster import REPO, slurm_cluster, tiny_shards  # noqa: F401
 from tests.requires import require_module
 
@@ -38,7 +39,7 @@ def test_slurm_dry_run_renders_the_script(tmp_path):
         assert line in script, f"{line!r} missing from:\n{script}"
     assert script.count("srun ") >= 1 and "--kill-on-bad-exit=1" in script
     task = (tmp_path / "job.sbatch.task.sh").read_text()
-    preset = REPO / "launch" / "presets" / "mmprolong-7b.yaml"
+    preset = os.path.join(PRESET_DIR, "mmprolong-7b.yaml")  # resolved as `mmpl plan` resolves it
     assert f"-m megatron_mmpl.cli train --config {preset} run_dir={REPO}/runs/mmprolong-7b optim.lr=2e-5" in task
     assert "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS" in task
     assert "exit 3" in task  # a clean stop on the time-limit signal asks NeMo-Run's script to requeue
