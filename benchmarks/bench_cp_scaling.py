@@ -34,7 +34,8 @@ def _model(args, cp: int, dtype, device):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_mmpl.attention.specs import gpt_layer_spec, use_per_token_mrope_under_cp
+    from megatron_mmpl.compat.rope import use_per_token_mrope_under_cp
+    from megatron_mmpl.compat.specs import gpt_layer_spec
 
     cfg = TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,

@@ -77,7 +77,6 @@ def _known(override: str) -> bool:
 def run_ours(args, seq: int) -> dict:
     import torch
 
-    from megatron_mmpl.config.hf_config import resolve_hf_config
     from megatron_mmpl.training.train import train
 
     try:
@@ -95,7 +94,7 @@ def run_ours(args, seq: int) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     timed = [r for r in rows if args.warmup < r["step"] <= steps]
     mean = {k: sum(r[k] for r in timed) / len(timed) for k in timed[0] if isinstance(timed[0][k], (int, float))}
-    planned = plan_this_run(train_config(args, seq, run_dir), resolve_hf_config(cfg.model), 1)
+    planned = plan_this_run(train_config(args, seq, run_dir), _spec(cfg), 1)
     out = dict(impl="megatron_mmpl", seq=seq, tokens_per_s=mean["tokens_per_s"],
                lm_tflops=mean["tflops_per_gpu"], vit_tflops=mean["vit_tflops_per_gpu"],
                mfu=(mean.get("mfu") or 0) + (mean.get("vit_mfu") or 0), peak_gib=max(r["max_mem_gib"] for r in rows),
@@ -109,6 +108,16 @@ def run_ours(args, seq: int) -> dict:
     return out
 
 
+def _spec(cfg):
+    from megatron_mmpl.config.hf_config import resolve_hf_config
+
+    try:
+        from megatron_mmpl.models.qwen25vl.spec import ModelSpec
+    except ImportError:  # an older checkout (--code): it has no planner in the trainer either
+        return None
+    return ModelSpec.from_hf(resolve_hf_config(cfg.model))
+
+
 def run_peer(args, seq: int) -> dict:
     """transformers on the same shard's samples, read through our loader (same batches, HF-style labels)."""
     import time
@@ -119,6 +128,7 @@ def run_peer(args, seq: int) -> dict:
     from megatron_mmpl.config.hf_config import resolve_hf_config
     from megatron_mmpl.data.loader import build_train_loader
     from megatron_mmpl.data.tokenizer import load_tokenizer
+    from megatron_mmpl.models.qwen25vl.spec import ModelSpec
     from megatron_mmpl.training.flops import FlopModel, peak_tflops
 
     cfg = train_config(args, seq, tempfile.mkdtemp())
@@ -134,7 +144,7 @@ def run_peer(args, seq: int) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     loader = iter(build_train_loader(cfg.data, load_tokenizer("qwen2"), dp_rank=0, dp_size=1, hf_config=hf))
-    fm = FlopModel.from_hf(hf)
+    fm = FlopModel(ModelSpec.from_hf(hf))
     lm_flops = vit_flops = tokens = 0.0
     torch.cuda.reset_peak_memory_stats()
     t_start = None

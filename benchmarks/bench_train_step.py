@@ -63,8 +63,9 @@ def _time(step, warmup: int, iters: int) -> tuple[float, float]:
 def ours(cfg, seqlen, segments, warmup, iters, answer_tokens):
     from megatron_mmpl.models.qwen25vl.build import build_model
     from megatron_mmpl.parallel.context_parallel import packed_seq_params
+    from megatron_mmpl.parallel.process_groups import Layout
 
-    model = build_model(cfg, dtype=torch.bfloat16).cuda().train()
+    model = build_model(cfg, Layout(), dtype=torch.bfloat16).cuda().train()
     model.dummy_vision_on_text_only = False  # LM-only comparison
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids, labels, pos, cu = _batch(cfg, seqlen, segments, "cuda", answer_tokens)

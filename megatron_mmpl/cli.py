@@ -15,7 +15,7 @@ SUBCOMMANDS = {
     "train": "megatron_mmpl.training.commands",
     "convert": "megatron_mmpl.conversion.commands",
     "eval": "megatron_mmpl.eval.commands",
-    "plan": "megatron_mmpl.config.plan_command",
+    "plan": "megatron_mmpl.plan.command",
 }
 
 

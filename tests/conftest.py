@@ -1,11 +1,15 @@
-"""Shared pytest setup: gpu tests skip without CUDA; quiet megatron's optional-dependency warnings."""
+"""Shared pytest setup: gpu tests skip without CUDA; spawned ranks run on CPU/gloo unless a test asks for CUDA
+(the distributed tests are CPU fp32 checks, so a GPU machine runs them as CI does); quiet megatron's
+optional-dependency warnings."""
 
+import os
 import warnings
 
 import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+os.environ.setdefault("MMPL_RANK_DEVICE", "cpu")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -27,10 +27,13 @@ REQUEUE_EXIT = 3  # a rank stopped by the time-limit signal exits with this so N
 
 
 def preset_path(spec: str) -> str:
-    path = spec if os.path.isfile(spec) else os.path.join(REPO, "launch", "presets", f"{spec}.yaml")
-    if not os.path.isfile(path):
-        raise SystemExit(f"--preset {spec!r}: no such file, and no launch/presets/{spec}.yaml")
-    return os.path.abspath(path)
+    """A recipe path or a shipped preset name, resolved as `mmpl plan` resolves it."""
+    from megatron_mmpl.plan.command import preset_path as resolve
+
+    try:
+        return os.path.abspath(resolve(spec))
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
 
 
 def train_args(args) -> list[str]:

@@ -8,6 +8,7 @@ bidirectional. With CP>1 the local rows are the zigzag chunks of every segment a
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -20,7 +21,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from megatron_mmpl.attention.backend import auto_backend, configured_backend
+from megatron_mmpl.attention.flex import document_block_mask, flex_packed
+from megatron_mmpl.attention.sdpa import sdpa_blocks, sdpa_dense
 from megatron_mmpl.attention.segments import group_blocks, plan_blocks, segment_bounds, token_coords
+from megatron_mmpl.parallel.context_parallel import gather_kv_for_cp
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
@@ -108,7 +112,7 @@ class CoreAttention(MegatronModule):
                              "or use backend 'sdpa'")
         self.te_attention = None
         if self.backend == "te":
-            from megatron.core.extensions.transformer_engine import TEDotProductAttention
+            from megatron.core.extensions.transformer_engine import TEDotProductAttention  # lazy: optional TE
 
             self.te_attention = TEDotProductAttention(
                 config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
@@ -146,7 +150,6 @@ class CoreAttention(MegatronModule):
         dropout_p = self.dropout_p if self.training else 0.0
         cu_q = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         if cu_q is None and cp == 1 and attention_mask is not None and mask_type != AttnMaskType.causal:
-            from megatron_mmpl.attention.sdpa import sdpa_dense
 
             # megatron masks are True where attention is NOT allowed
             with self._rng(dropout_p):
@@ -160,7 +163,6 @@ class CoreAttention(MegatronModule):
                                           "equal cu_seqlens_q")
         cu = _bounds(packed_seq_params, cu_q, sq * cp)
         if cp > 1:
-            from megatron_mmpl.parallel.context_parallel import gather_kv_for_cp
 
             k = gather_kv_for_cp(k, cu, self.cp_group)  # [s_full, b, nkv, d]
             v = gather_kv_for_cp(v, cu, self.cp_group)
@@ -169,19 +171,16 @@ class CoreAttention(MegatronModule):
         if backend == "auto":  # distinct block shapes = SDPA calls per layer; flex when many and short
             backend = auto_backend(q.device.type, len(plan.groups), sq * cp / max(1, len(cu) - 1))
         if backend == "flex":
-            from megatron_mmpl.attention.flex import document_block_mask, flex_packed
 
             key = (tuple(cu), cp_rank, cp, causal, q.device)
             mask = document_block_mask(key, lambda: token_coords(blocks, cu, q.device), causal)
             return flex_packed(q, k, v, mask, self.softmax_scale)
-        from megatron_mmpl.attention.sdpa import sdpa_blocks
 
         with self._rng(dropout_p):
             return sdpa_blocks(q, k, v, plan, self.softmax_scale, dropout_p)
 
     def _rng(self, dropout_p: float):
         """Dropout draws from megatron's model-parallel RNG stream, as DotProductAttention does."""
-        import contextlib
 
         tracker = tensor_parallel.get_cuda_rng_tracker()
         if dropout_p == 0.0 or self.config.sequence_parallel or not tracker.is_initialized():

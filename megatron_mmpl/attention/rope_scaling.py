@@ -9,7 +9,7 @@ interpolated (÷ factor), those turning more than `beta_fast` times are kept, a 
 multiplied by an attention factor (0.1·ln(factor)+1 by default). q and k both carry it, so it equals multiplying
 the softmax scale by attention_factor² — that is how we apply it (no megatron change).
 
-Hook into a megatron GPTModel (position_embedding_type="mrope"):
+Hook into a megatron GPTModel (position_embedding_type="mrope"), with compat/rope.py:
     inv_freq, attn_factor = mrope_inv_freq(head_dim, theta, {"type": "yarn", "factor": 4,
                                                               "original_max_position_embeddings": 32768})
     set_rope_softmax_scale(language_config, attn_factor)   # before building the model
@@ -86,21 +86,3 @@ def mrope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> tuple
     keys = ("beta_fast", "beta_slow", "truncate", "attention_factor", "mscale", "mscale_all_dim")
     return yarn_inv_freq(dim, theta, float(scaling["factor"]), int(scaling["original_max_position_embeddings"]),
                          **{k: scaling[k] for k in keys if scaling.get(k) is not None})
-
-
-def set_rope_softmax_scale(config, attention_factor: float) -> None:
-    """Fold the YaRN attention factor into megatron's `softmax_scale` (call before building the model)."""
-    if hasattr(config, "yarn_rotary_scaling_factor"):
-        raise ValueError("config already carries megatron's yarn_rotary_scaling_factor: the factor would apply twice")
-    if attention_factor != 1.0:
-        config.softmax_scale = attention_factor**2 / math.sqrt(config.kv_channels)
-
-
-def apply_inv_freq(gpt_model, inv_freq: torch.Tensor) -> None:
-    """Replace the inverse frequencies of a built GPTModel's (M-)RoPE (only on stages that have it)."""
-    rope = getattr(gpt_model, "rotary_pos_emb", None)
-    if rope is None:
-        return
-    if rope.inv_freq.shape != inv_freq.shape:
-        raise ValueError(f"inv_freq has shape {tuple(inv_freq.shape)}, the model's rope {tuple(rope.inv_freq.shape)}")
-    rope.inv_freq = inv_freq.to(device=rope.inv_freq.device, dtype=rope.inv_freq.dtype)

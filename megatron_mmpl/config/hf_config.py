@@ -1,4 +1,5 @@
-"""`model.hf_config` (a preset name or a config.json path) → a transformers `Qwen2_5_VLConfig`."""
+"""`model.hf_config` (a preset name or a config.json path) → a config.json dict / a transformers `Qwen2_5_VLConfig`;
+checks of a run's model against its checkpoint and its data."""
 
 from __future__ import annotations
 
@@ -6,39 +7,33 @@ import json
 import os
 
 from megatron_mmpl.config.load import ConfigError
+from megatron_mmpl.models.qwen25vl.presets import PRESETS, load_hf_dict
+from megatron_mmpl.models.qwen25vl.spec import ModelSpec, weight_shape_differences
+from megatron_mmpl.storage.checkpoint_dir import HF_DIR
 
 
 def preset_names() -> list[str]:
-    from megatron_mmpl.models.qwen25vl.presets import PRESETS
-
     return sorted(PRESETS)
 
 
-def load_hf_dict(spec: str) -> dict:
-    """The raw HF config dict for a preset name (models/qwen25vl/presets.py), a config.json, or its directory."""
-    from megatron_mmpl.models.qwen25vl.presets import PRESETS, preset_dict
-
-    if spec in PRESETS:
-        return preset_dict(spec)
-    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
-    if not os.path.isfile(path):
-        raise ConfigError(
-            f"model.hf_config={spec!r} is neither a preset ({', '.join(preset_names())}) nor a config.json / "
-            "directory holding one"
-        )
-    with open(path) as f:
-        return json.load(f)
+def resolve_hf_dict(model_cfg) -> dict:
+    """`model.hf_config` (presets.load_hf_dict: a preset or a config.json) with `model.hf_overrides` applied, as
+    a config.json dict: what the planner reads (no transformers import) and `resolve_hf_config` builds on."""
+    try:
+        raw = apply_overrides(load_hf_dict(model_cfg.hf_config), model_cfg.hf_overrides)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if raw.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
+        raise ConfigError(f"model.hf_config={model_cfg.hf_config!r} has model_type={raw['model_type']!r}; "
+                          "only qwen2_5_vl is supported")
+    return raw
 
 
 def resolve_hf_config(model_cfg):
     """A `Qwen2_5_VLConfig` for `model_cfg` (a ModelConfig), with rope_theta / rope_scaling applied when set."""
-    from transformers import Qwen2_5_VLConfig
+    from transformers import Qwen2_5_VLConfig  # lazy: transformers' import costs seconds
 
-    raw = apply_overrides(load_hf_dict(model_cfg.hf_config), model_cfg.hf_overrides)
-    if raw.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
-        raise ConfigError(f"model.hf_config={model_cfg.hf_config!r} has model_type={raw['model_type']!r}; "
-                          "only qwen2_5_vl is supported")
-    hf = Qwen2_5_VLConfig(**raw)
+    hf = Qwen2_5_VLConfig(**resolve_hf_dict(model_cfg))
     try:
         apply_rope_overrides(hf, model_cfg.rope_theta, model_cfg.rope_scaling)
     except ValueError as e:
@@ -58,42 +53,18 @@ def apply_rope_overrides(hf, rope_theta: float | None, scaling: dict | None) -> 
     if scaling:
         params.update(scaling)
     text.rope_parameters = params
-    from megatron_mmpl.models.qwen25vl.configs import rope_scaling
-
-    rope_scaling(hf)
+    ModelSpec.from_hf(hf)  # refuses unsupported scaling types
 
 
-_TEXT_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "vocab_size")
-_VISION_SHAPE = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size",
-                 "temporal_patch_size", "spatial_merge_size")
-
-
-def shape_differences(a, b) -> list[str]:
-    """The weight-shape fields in which two Qwen2.5-VL configs differ, as 'field: a vs b'."""
-    from megatron_mmpl.models.qwen25vl.configs import text_config, tie_embeddings
-
-    out = []
-    for where, fields, x, y in (("", _TEXT_SHAPE, text_config(a), text_config(b)),
-                                ("vision_config.", _VISION_SHAPE, a.vision_config, b.vision_config)):
-        out += [f"{where}{f}: {getattr(x, f, None)} vs {getattr(y, f, None)}" for f in fields
-                if getattr(x, f, None) != getattr(y, f, None)]
-    if tie_embeddings(a) != tie_embeddings(b):
-        out.append(f"tie_word_embeddings: {tie_embeddings(a)} vs {tie_embeddings(b)}")
-    return out
-
-
-def check_matches_checkpoint(hf, model_cfg, load_path: str) -> None:
+def check_matches_checkpoint(spec: ModelSpec, model_cfg, load_path: str) -> None:
     """A converted/exported checkpoint carries its model's config.json (mmpl/hf/); refuse a run whose
     model.hf_config describes other weight shapes, before anything is built."""
-    from transformers import Qwen2_5_VLConfig
-
-    saved = os.path.join(load_path, "mmpl", "hf", "config.json")
+    saved = os.path.join(load_path, HF_DIR, "config.json")
     if not os.path.isfile(saved):
         return
     with open(saved) as f:
-        theirs = Qwen2_5_VLConfig(**json.load(f))
-    diff = shape_differences(hf, theirs)
+        theirs = ModelSpec.from_hf(json.load(f))
+    diff = weight_shape_differences(spec, theirs)
     if diff:
         raise ConfigError(
             f"model.hf_config={model_cfg.hf_config!r} does not describe the checkpoint at checkpoint.load="
@@ -118,33 +89,19 @@ def apply_overrides(raw: dict, overrides: dict) -> dict:
     return raw
 
 
-def check_tokens_match(hf, special_ids: dict, where: str) -> None:
+def check_tokens_match(spec: ModelSpec, special_ids: dict, where: str) -> None:
     """The data's special token ids must be the model's, and inside its vocabulary."""
-    pairs = {"image_pad": "image_token_id", "video_pad": "video_token_id", "vision_start": "vision_start_token_id",
-             "vision_end": "vision_end_token_id"}
-    bad = [f"{tok}={special_ids[tok]} vs {attr}={getattr(hf, attr, None)}" for tok, attr in pairs.items()
-           if tok in special_ids and getattr(hf, attr, None) != special_ids[tok]]
+    t = spec.tokens
+    pairs = {"image_pad": ("image_token_id", t.image), "video_pad": ("video_token_id", t.video),
+             "vision_start": ("vision_start_token_id", t.vision_start),
+             "vision_end": ("vision_end_token_id", t.vision_end)}
+    bad = [f"{tok}={special_ids[tok]} vs {attr}={ours}" for tok, (attr, ours) in pairs.items()
+           if tok in special_ids and ours != special_ids[tok]]
     if bad:
         raise ConfigError(f"{where} was tokenized with other special ids than model.hf_config ({'; '.join(bad)}); "
                           "set them in model.hf_overrides or rebuild the data with the model's tokenizer")
-    vocab = hf.get_text_config().vocab_size
+    vocab = spec.vocab
     top = max(special_ids.values(), default=-1)
     if top >= vocab:
         raise ConfigError(f"{where} uses token id {top} but the model's vocab_size is {vocab}; "
                           f"set model.hf_overrides.vocab_size >= {top + 1} (a multiple of parallel.tp)")
-
-
-def text_rope_theta(hf) -> float:
-    """The LM's RoPE base from either transformers layout (rope_parameters or rope_theta)."""
-    text = hf.get_text_config()
-    params = getattr(text, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(text, "rope_theta", 10000.0)))
-
-
-def mrope_section(hf) -> list[int]:
-    """The LM's M-RoPE split of head_dim/2 over (t, h, w)."""
-    text = hf.get_text_config()
-    for source in (getattr(text, "rope_parameters", None), getattr(text, "rope_scaling", None)):
-        if source and "mrope_section" in source:
-            return list(source["mrope_section"])
-    raise ConfigError("model.hf_config has no mrope_section in rope_scaling/rope_parameters")

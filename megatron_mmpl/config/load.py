@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from megatron_mmpl.config.schema import Config
+from megatron_mmpl.storage.atomic import atomic_write
 
 
 class ConfigError(ValueError):
@@ -77,10 +78,7 @@ def dump_yaml(cfg, path: str | None = None) -> str:
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write(path, text)
     return text
 
 

@@ -78,6 +78,15 @@ class ParallelConfig:
     ignore_memory_plan: bool = False
     """Start on a GPU even when the memory planner refuses this layout (it will likely run out of memory)."""
 
+    @property
+    def pad_multiple(self) -> int:
+        """Every packed sample is padded to a multiple of this many tokens (the loader pads, the planner and the
+        config checks require data.max_seq_len to be one): 2·cp, so the zigzag CP split deals whole chunks,
+        times tp under sequence parallelism; 1 without CP or SP."""
+        if self.cp == 1 and not self.sequence_parallel:
+            return 1
+        return 2 * self.cp * (self.tp if self.sequence_parallel else 1)
+
 
 @dataclass
 class DataConfig:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import re
 
+from megatron_mmpl.config.hf_config import resolve_hf_dict
 from megatron_mmpl.config.load import ConfigError
 from megatron_mmpl.config.schema import Config
+from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 
 _CHOICES = {
     "model.dtype": ("bf16", "fp16", "fp32"),
@@ -95,10 +97,10 @@ def warmup_steps(cfg: Config) -> int:
     return int(w) if w >= 1 else int(round(w * train_steps(cfg)))
 
 
-def validate_layout(cfg: Config, world_size: int, hf=None) -> int:
+def validate_layout(cfg: Config, world_size: int, spec: ModelSpec | None = None) -> int:
     """Check parallel degrees against the world size and the model's shapes; return the data-parallel size.
 
-    `hf` is the transformers Qwen2_5_VLConfig (resolved from model.hf_config when omitted).
+    `spec` is the model's (resolved from model.hf_config and model.hf_overrides when omitted).
     """
     p, d = cfg.parallel, cfg.data
     mp = p.tp * p.pp * p.cp
@@ -109,28 +111,23 @@ def validate_layout(cfg: Config, world_size: int, hf=None) -> int:
     if d.global_batch_size % (d.micro_batch_size * dp):
         raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
                           f"micro_batch_size*dp={d.micro_batch_size}*{dp}")
-    from megatron_mmpl.models.qwen25vl.padding import padded_vit_ffn
-
-    if hf is None:
-        from megatron_mmpl.config.hf_config import resolve_hf_config
-
-        hf = resolve_hf_config(cfg.model)
-    text, vision = hf.get_text_config(), hf.vision_config
+    if spec is None:
+        spec = ModelSpec.from_hf(resolve_hf_dict(cfg.model))
     name = cfg.model.hf_config
     dims = {
-        "LM attention heads": text.num_attention_heads,
-        "LM KV groups": text.num_key_value_heads,
-        "LM FFN size": text.intermediate_size,
-        "ViT heads": vision.num_heads,
-        "ViT FFN size (built zero-padded, models/qwen25vl/padding.py)": padded_vit_ffn(vision.intermediate_size),
-        "merger hidden size": vision.hidden_size * vision.spatial_merge_size**2,
-        "vocab size": text.vocab_size,
+        "LM attention heads": spec.heads,
+        "LM KV groups": spec.kv_groups,
+        "LM FFN size": spec.ffn,
+        "ViT heads": spec.vision.num_heads,
+        "ViT FFN size (built zero-padded, models/qwen25vl/padding.py)": spec.vision.built_ffn,
+        "merger hidden size": spec.vision.merged_hidden,
+        "vocab size": spec.vocab,
     }
     for what, n in dims.items():
         if n % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide {what}={n} of model {name!r}; "
                               f"use a tp that divides {n}")
-    layers = text.num_hidden_layers
+    layers = spec.layers
     if p.pp > 1:
         first = p.first_stage_layers
         if first is None:

@@ -71,7 +71,7 @@ def _verify(args) -> int:
 
 def main(argv=None) -> int:
     """Standalone entry (tools/checkpoint_conversion/convert.py)."""
-    from megatron_mmpl.cli import run_handler
+    from megatron_mmpl.cli import run_handler  # lazy: cli imports this module (a cycle at module level)
 
     p = argparse.ArgumentParser(prog="convert", description=__doc__.splitlines()[0])
     add_arguments(p)

@@ -17,22 +17,26 @@ import dataclasses
 import re
 
 import torch
-from torch.distributed.checkpoint.planner import LoadPlanner
+import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from megatron_mmpl.parallel.process_groups import Layout, initialize_parallel
 
 _LAYER = re.compile(r"^(language_model|vision_model)\.decoder\.layers\.(\d+)\.")
 
 
-def meta_layout(hf_config, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
+def meta_layout(spec, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
     """(the full TP1/PP1 model's sharded state dict on the meta device, its parameters by name, also on meta)."""
-    import torch.distributed as dist
 
     from megatron_mmpl.models.qwen25vl.build import build_model
-    from megatron_mmpl.parallel.process_groups import initialize_parallel
 
     if not dist.is_initialized():  # a 1-rank group; first, as it installs the CPU runtime's torch-function mode,
         initialize_parallel()      # which must outlive the `meta` device context below
     with torch.device("meta"):
-        model = build_model(hf_config, dtype=dtype, overrides={"perform_initialization": False})
+        model = build_model(spec, Layout(), dtype=dtype, overrides={"perform_initialization": False})
     return model.sharded_state_dict(), dict(model.named_parameters())
 
 
@@ -107,9 +111,6 @@ class _SliceLoadPlanner(LoadPlanner):
         self.metadata = metadata
 
     def create_local_plan(self):
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
         items = []
         for key, chunks in self.requests.items():
@@ -152,7 +153,6 @@ class GroupReader:
     TP/PP the checkpoint was saved at: each piece asks for its global chunk, whoever wrote it."""
 
     def __init__(self, ckpt_dir: str, sharded: dict, params: dict[str, torch.Tensor]):
-        from torch.distributed.checkpoint import FileSystemReader
 
         self.sharded, self.params, self.names = sharded, params, list(params)
         self.storage = FileSystemReader(str(ckpt_dir))

@@ -13,19 +13,14 @@ from pathlib import Path
 
 import torch
 
-from megatron_mmpl.conversion.atomic_dir import atomic_directory, check_target
-from megatron_mmpl.conversion.hf_checkpoint import SIDE_FILES
-from megatron_mmpl.conversion.import_hf import HF_DIR, parse_dtype
+from megatron_mmpl.conversion import dist_layout
+from megatron_mmpl.conversion.import_hf import parse_dtype
 from megatron_mmpl.conversion.safetensors_shards import write_sharded_safetensors
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A dist checkpoint dir: `path` itself, or the latest complete `iter_*` of a training run dir."""
-    from megatron_mmpl.training.checkpoint import classify_load_path, iter_dir, latest_step
-
-    if classify_load_path(path) == "resume":
-        return Path(iter_dir(path, latest_step(path)))
-    return Path(path)
+from megatron_mmpl.models.qwen25vl import hf_mapping as mapping
+from megatron_mmpl.models.qwen25vl.presets import load_hf_dict
+from megatron_mmpl.models.qwen25vl.spec import ModelSpec
+from megatron_mmpl.storage.atomic import atomic_directory, check_target
+from megatron_mmpl.storage.checkpoint_dir import HF_DIR, SIDE_FILES, resolve_checkpoint
 
 
 def model_source(ckpt: Path, override: str | None = None):
@@ -33,7 +28,6 @@ def model_source(ckpt: Path, override: str | None = None):
     --hf-config, else the converter's copy (mmpl/hf/), else the training run's resolved config (mmpl/config.yaml)."""
     from transformers import Qwen2_5_VLConfig
 
-    from megatron_mmpl.config.hf_config import load_hf_dict
 
     run = {}
     if (ckpt / "mmpl" / "config.yaml").is_file():
@@ -69,20 +63,20 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config_path: str | None = None, 
     """
     from tqdm import tqdm
 
-    from megatron_mmpl.conversion import dist_layout, mapping
 
     check_target(out_dir, overwrite)
-    ckpt = resolve_checkpoint(ckpt_dir)
+    ckpt = Path(resolve_checkpoint(ckpt_dir))
     hf_config, side_dir, run = model_source(ckpt, hf_config_path)
     tokenizer = tokenizer or run.get("data", {}).get("tokenizer")
     target = parse_dtype(dtype) if dtype else _dtype_of(hf_config)
-    sharded, params = dist_layout.meta_layout(hf_config, target)
+    spec = ModelSpec.from_hf(hf_config)
+    sharded, params = dist_layout.meta_layout(spec, target)
     reader = dist_layout.GroupReader(ckpt, sharded, params)
     conv = ckpt / "mmpl" / "conversion.json"
     naming = naming or (json.loads(conv.read_text()).get("naming") if conv.is_file() else None) or "original"
-    stream = mapping.mcore_to_hf(reader.get, hf_config, names=reader.names, naming=naming)
+    stream = mapping.mcore_to_hf(reader.get, spec, names=reader.names, naming=naming)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        n_hf = sum(len(e.hf) for e in mapping.plan(hf_config, naming))
+        n_hf = sum(len(e.hf) for e in mapping.plan(spec, naming))
         tensors = ((name, t.to(target)) for name, t in stream)
         written = write_sharded_safetensors(
             tqdm(tensors, total=n_hf, desc="mcore→hf", unit="tensor", disable=not progress), tmp,
@@ -118,6 +112,6 @@ def _write_side_files(out: Path, side_dir: Path | None, hf_config, tokenizer: st
                 "--tokenizer (qwen2 | tiny | <hf dir>) so the export loads with AutoProcessor, or --tokenizer none "
                 "for weights and config only"
             )
-        from megatron_mmpl.conversion.processor_files import write_processor_files
+        from megatron_mmpl.data.processor_files import write_processor_files
 
         write_processor_files(out, hf_config, tokenizer)

@@ -11,12 +11,6 @@ import torch
 
 SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
-# Files copied next to the converted weights so `AutoProcessor.from_pretrained` works on the output.
-SIDE_FILES = (
-    "generation_config.json", "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.json", "chat_template.jinja",
-)
 
 
 class HFCheckpoint:

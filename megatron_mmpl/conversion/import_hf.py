@@ -17,11 +17,14 @@ from pathlib import Path
 
 import torch
 
-from megatron_mmpl.conversion.atomic_dir import atomic_directory, check_target
-from megatron_mmpl.conversion.hf_checkpoint import SIDE_FILES, HFCheckpoint
+from megatron_mmpl.conversion import dist_layout
+from megatron_mmpl.conversion.hf_checkpoint import HFCheckpoint
+from megatron_mmpl.models.qwen25vl import hf_mapping as mapping
+from megatron_mmpl.models.qwen25vl.spec import ModelSpec
+from megatron_mmpl.storage.atomic import atomic_directory, check_target
+from megatron_mmpl.storage.checkpoint_dir import HF_DIR, SIDE_FILES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HF_DIR = "mmpl/hf"
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -46,7 +49,6 @@ def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrite: bool 
     from megatron.core import dist_checkpointing
     from tqdm import tqdm
 
-    from megatron_mmpl.conversion import dist_layout, mapping
 
     t0 = time.time()
     target = parse_dtype(dtype)
@@ -54,9 +56,10 @@ def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrite: bool 
     ckpt = HFCheckpoint(hf_dir)
     source_dtype = check_source_dtypes(ckpt)
     hf_config = ckpt.hf_config()
-    stream = mapping.hf_to_mcore(ckpt, hf_config)  # checks coverage before reading any tensor
-    sharded, params = dist_layout.meta_layout(hf_config, target)
-    expected = set(mapping.mcore_names(hf_config))
+    spec = ModelSpec.from_hf(hf_config)
+    stream = mapping.hf_to_mcore(ckpt, spec)  # checks coverage before reading any tensor
+    sharded, params = dist_layout.meta_layout(spec, target)
+    expected = set(mapping.mcore_names(spec))
     if set(params) != expected:
         raise ValueError(
             f"model/mapping mismatch: parameters without a rule {sorted(set(params) - expected)}, "

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from megatron_mmpl.conversion.hf_checkpoint import HFCheckpoint
+from megatron_mmpl.models.qwen25vl.testing import hf_logits, mm_prompt
+from megatron_mmpl.parallel.process_groups import initialize_parallel
+from megatron_mmpl.parallel.spawn import run_distributed
+from megatron_mmpl.storage.checkpoint_dir import resolve_checkpoint
+
 # text, image, text, image, text — two image sizes (grid in patches), as in the parity tests
 PROMPT = [5, ("image", 1, 4, 6), 3, ("image", 1, 8, 4), 4]
 
@@ -14,12 +20,10 @@ def _rank_logits(ckpt: str, hf_config_dict: dict, batch: dict, tp: int, pp: int)
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from transformers import Qwen2_5_VLConfig
 
-    from megatron_mmpl.models.qwen25vl.build import build_model
-    from megatron_mmpl.parallel.process_groups import initialize_parallel
-    from megatron_mmpl.training.checkpoint import load_model_weights
+    from megatron_mmpl.models.qwen25vl.build import build_model, load_model_weights
 
-    initialize_parallel(tp=tp, pp=pp)
-    model = build_model(Qwen2_5_VLConfig(**hf_config_dict), dtype=torch.float32,
+    layout = initialize_parallel(tp=tp, pp=pp)
+    model = build_model(Qwen2_5_VLConfig(**hf_config_dict), layout, dtype=torch.float32,
                         overrides={"perform_initialization": False}).eval()
     load_model_weights(ckpt, model)
     keys = ("pixel_values", "image_grid_thw")
@@ -42,10 +46,6 @@ def verify(hf_dir: str, ckpt_dir: str, tp: int = 1, pp: int = 1) -> dict:
     """Logit agreement of the HF checkpoint and the MCore checkpoint (both evaluated in fp32 on CPU or GPU)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_mmpl.conversion.export_hf import resolve_checkpoint
-    from megatron_mmpl.conversion.hf_checkpoint import HFCheckpoint
-    from megatron_mmpl.models.qwen25vl.testing import hf_logits, mm_prompt
-    from megatron_mmpl.parallel.spawn import run_distributed
 
     src = HFCheckpoint(hf_dir)
     ckpt = resolve_checkpoint(ckpt_dir)

@@ -25,6 +25,7 @@ from megatron_mmpl.data.length import count_tokens, crop_rows
 from megatron_mmpl.data.manifest import BadInput, Document, PageReader, Problems, read_manifest_lines, scan_line
 from megatron_mmpl.data.page_codec import PageCodec
 from megatron_mmpl.data.schema import Sample
+from megatron_mmpl.data.synth import NAMES, PageRenderer
 
 log = logging.getLogger(__name__)
 OCR_QUESTION = "Transcribe the text of page {page} exactly."
@@ -275,7 +276,6 @@ def _sha(path) -> str:
 
 def write_synth_manifest(out_dir, n_docs: int = 4, pages_per_doc: int = 6, page_px=(224, 280), seed: int = 0):
     """Small page-image documents + a manifest (one extract_single QA per doc), to exercise `mmpl data build`."""
-    from megatron_mmpl.data.synth import NAMES, PageRenderer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from megatron_mmpl.data.shards import parse_length
+from megatron_mmpl.data.tokenizer import load_tokenizer
 
 TARGET_HELP = "target lengths in tokens, comma-separated (e.g. 32k,64k,128k)"
 
 
 def _lengths(s: str) -> list[int]:
-    from megatron_mmpl.data.shards import parse_length
 
     return [parse_length(x) for x in s.split(",") if x.strip()]
 
@@ -72,7 +75,6 @@ def register(subparsers) -> None:
 
 def _setup(args):
     from megatron_mmpl.data.images import ImageProcessor, ImageProcessorConfig
-    from megatron_mmpl.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     improc = ImageProcessor(ImageProcessorConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels))
@@ -124,7 +126,6 @@ def _build(args) -> int:
 
 
 def _inspect(args) -> int:
-    from pathlib import Path
 
     from megatron_mmpl.data.inspect import inspect
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from megatron_mmpl.config.schema import DataConfig
 from megatron_mmpl.data.chat_template import render
 from megatron_mmpl.data.images import ImageProcessor, ImageProcessorConfig
 from megatron_mmpl.data.mixture import DrawSequence, PoolSet, PoolStream, pool_weights
@@ -24,36 +25,19 @@ from megatron_mmpl.data.schema import Sample
 from megatron_mmpl.data.shards import load_index, parse_members
 from megatron_mmpl.data.storage import RangeReader
 from megatron_mmpl.data.tokenizer import special_ids, tokenizer_fingerprint
+from megatron_mmpl.models.qwen25vl.rope_index import rope_index, rope_index_kwargs
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
 @dataclass
-class LoaderOptions:
-    """Everything the loader reads; `from_config` takes a DataConfig (or any object with these attributes)."""
+class LoaderOptions(DataConfig):
+    """Everything the loader reads: the run's data section (documented in config/schema.py) and the padding
+    multiple of the parallel layout; `from_config` takes a DataConfig (or any object with some of these fields)."""
 
-    shards: str = ""
-    recipe: str = "balanced"
-    min_len: int = 32768
-    max_len: int = 131072
-    task_weights: dict = field(default_factory=lambda: {"extraction": 0.8, "reasoning": 0.2})
-    max_seq_len: int = 131072
-    num_workers: int = 2
-    seed: int = 1234
-    pack_buffer: int = 16
-    """Samples held for first-fit-decreasing packing (per worker)."""
     pad_multiple: int = 1
-    """Pad each sample to a multiple of this (2·CP·TP with context parallelism)."""
-    pad_to_max_len: bool = False
-    """Fill every row to max_seq_len with a padding segment (static shapes)."""
-    skip_long: bool = True
-    """A sample longer than max_seq_len is skipped and counted (False: raise)."""
-    max_consecutive_failures: int = 8
-    """Abort after this many undecodable samples in a row."""
-    prefetch_factor: int = 2
-    storage_options: dict = field(default_factory=dict)
-    """fsspec options for shards at a URL (e.g. {"anon": true} for a public S3 bucket, endpoint_url, ...)."""
+    """Pad each sample to a multiple of this (ParallelConfig.pad_multiple: 2·CP, times TP with SP)."""
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> LoaderOptions:
@@ -63,7 +47,15 @@ class LoaderOptions:
         if getattr(cfg, "micro_batch_size", 1) != 1:
             raise ValueError(f"data.micro_batch_size={cfg.micro_batch_size}: packed rows are b=1; raise max_seq_len "
                              f"or the number of micro-batches per step instead")
-        return cls(**kw)
+        return cls(**kw).checked()
+
+    def checked(self) -> LoaderOptions:
+        """These options, if a row of max_seq_len can be built from samples padded to pad_multiple."""
+        if not self.shards:
+            raise ValueError("data.shards is empty: point it at a directory written by `mmpl data build` / `synth`")
+        if self.pad_to_max_len and self.max_seq_len % self.pad_multiple:
+            raise ValueError(f"max_seq_len={self.max_seq_len} is not a multiple of pad_multiple={self.pad_multiple}")
+        return self
 
 
 class SampleDecoder:
@@ -76,7 +68,6 @@ class SampleDecoder:
         self.reader = RangeReader(storage_options)  # local files or URL byte ranges (fsspec)
 
     def __call__(self, pool: int, item: int) -> ProcessedSample:
-        from megatron_mmpl.models.qwen25vl.rope_index import rope_index
 
         p = self.ps.pools[pool]
         off = int(p.offset[item])
@@ -308,15 +299,10 @@ def build_train_loader(data_cfg, tokenizer, *, dp_rank: int | None = None, dp_si
     max_seq_len, num_workers, seed; optional LoaderOptions fields); dp rank/size default to parallel_state's;
     pad_multiple: 2·CP·TP when sequence/context parallel needs it; hf_config: Qwen2_5_VLConfig for rope ids."""
     opts = LoaderOptions.from_config(data_cfg, pad_multiple=pad_multiple, **overrides)
-    if not opts.shards:
-        raise ValueError("data.shards is empty: point it at a directory written by `mmpl data build` / `synth`")
     if dp_rank is None or dp_size is None:
         dp_rank, dp_size = dp_rank_and_size()
-    if opts.pad_to_max_len and opts.max_seq_len % opts.pad_multiple:
-        raise ValueError(f"max_seq_len={opts.max_seq_len} is not a multiple of pad_multiple={opts.pad_multiple}")
     rope_kwargs = None
     if hf_config is not None:
-        from megatron_mmpl.models.qwen25vl.rope_index import rope_index_kwargs
 
         rope_kwargs = rope_index_kwargs(hf_config)
     ds = LongDocDataset(opts, tokenizer, dp_rank, dp_size, image_processor, rope_kwargs)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_mmpl.data.schema import TASK_FAMILIES
-from megatron_mmpl.data.shards import load_all_shard_samples, parse_length
+from megatron_mmpl.data.shards import bucket_name, load_all_shard_samples, parse_length
 
 log = logging.getLogger(__name__)
 BLOCK = 4096  # draws per RNG block
@@ -80,14 +80,12 @@ class PoolSet:
 
 
 def edges_key(bucket: str, edges) -> int:
-    from megatron_mmpl.data.shards import bucket_name
 
     names = [bucket_name(e) for e in edges]
     return names.index(bucket) if bucket in names else len(names)
 
 
 def bucket_shares(ps: PoolSet, recipe: str, min_len: int, max_len: int) -> dict[str, float]:
-    from megatron_mmpl.data.shards import bucket_name
 
     lo_hi = {bucket_name(e): (ps.edges[i - 1] + 1 if i else 1, e) for i, e in enumerate(ps.edges)}
     present = sorted({p.bucket for p in ps.pools}, key=lambda b: edges_key(b, ps.edges))

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from megatron_mmpl.data.schema import Sample
+from megatron_mmpl.storage.atomic import atomic_write, replace_directory
 
 K = 1024
 DEFAULT_BUCKET_EDGES = (8 * K, 16 * K, 32 * K, 48 * K, 64 * K, 96 * K, 128 * K, 256 * K, 512 * K)
@@ -83,7 +84,7 @@ class ShardWriter:
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir(parents=True)
             self._lock()
-            _atomic_write(self.tmp / "params.json", json.dumps(params, indent=1).encode())
+            atomic_write(self.tmp / "params.json", json.dumps(params, indent=1))
 
     def _lock(self) -> None:
         import fcntl
@@ -155,7 +156,7 @@ class ShardWriter:
         cur["file"].close()
         rel = cur["rel"]
         idx = rel[: -len(".tar")] + ".idx.json"
-        _atomic_write(self.tmp / idx, json.dumps({"samples": cur["samples"]}).encode())
+        atomic_write(self.tmp / idx, json.dumps({"samples": cur["samples"]}))
         os.replace(self.tmp / (rel + ".part"), self.tmp / rel)
         bucket, task = slot
         self.shards.append(dict(path=rel, index=idx, bucket=bucket, task=task, samples=len(cur["samples"]),
@@ -166,16 +167,10 @@ class ShardWriter:
         for slot in list(self._open):
             self._finish(slot)
         index = build_index(self.shards, self.edges, self.info)
-        _atomic_write(self.tmp / "index.json", json.dumps(index, indent=1).encode())
+        atomic_write(self.tmp / "index.json", json.dumps(index, indent=1))
         (self.tmp / ".lock").unlink()
         self._lock_file.close()
-        if self.out.exists():
-            old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.tmp, self.out)
+        replace_directory(self.tmp, self.out)
         return index
 
     def abort(self, keep: bool = False) -> None:
@@ -212,15 +207,6 @@ def build_index(shards: list[dict], edges, info: dict) -> dict:
         tasks=tasks, buckets={k: v for k, v in buckets.items() if v["samples"]},
         shards=sorted(shards, key=lambda s: s["path"]),
     )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_index(root: str | os.PathLike, storage_options: dict | None = None) -> dict:

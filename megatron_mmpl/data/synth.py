@@ -16,7 +16,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from megatron_mmpl.data.images import ImageProcessor
 from megatron_mmpl.data.length import VISION_MARKERS, count_tokens, crop_to_budget, encode_png, page_cost
+from megatron_mmpl.data.needle import needle_sample
 from megatron_mmpl.data.schema import TASKS, Sample, document_messages
+from megatron_mmpl.data.shards import DEFAULT_BUCKET_EDGES, ShardWriter
+from megatron_mmpl.data.tokenizer import special_ids, tokenizer_fingerprint
 
 _SYLL = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "sei", "dan", "por", "lix", "em", "ul", "tra", "bes", "ong", "fi")
 NAMES = ("Falcon", "Orion", "Lynx", "Cedar", "Harbor", "Quartz", "Nimbus", "Aurora", "Basalt", "Comet", "Delta",
@@ -187,9 +190,6 @@ def write_synth(out, *, targets: list[int], per_target: int, tokenizer, tokenize
                 improc: ImageProcessor, seed: int = 0, kind: str = "text", tasks=TASKS, bucket_edges=None,
                 n_colours: int = 4, page_px: int = 56, overwrite: bool = False, progress=None) -> dict:
     """Synthesise `per_target` samples per (target length, task) into bucketed shards; returns the index."""
-    from megatron_mmpl.data.needle import needle_sample
-    from megatron_mmpl.data.shards import DEFAULT_BUCKET_EDGES, ShardWriter
-    from megatron_mmpl.data.tokenizer import special_ids, tokenizer_fingerprint
 
     info = dict(tokenizer=tokenizer_fingerprint(tokenizer), tokenizer_name=tokenizer_name,
                 special_ids=special_ids(tokenizer).to_dict(), image_processor=improc.cfg.to_dict(),

@@ -6,14 +6,14 @@ rest of the pipeline has one code path. `load_tokenizer("qwen2" | "tiny" | "tiny
 
 from __future__ import annotations
 
-import base64
-import functools
 import hashlib
 import importlib.util
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from megatron_mmpl.storage.atomic import atomic_directory
 
 # Qwen2.5(-VL) added tokens in id order, starting right after the 151,643 BPE ranks (<|endoftext|> = 151643).
 QWEN_ADDED_TOKENS = (
@@ -66,21 +66,10 @@ def special_ids(tok) -> SpecialIds:
     return SpecialIds(**ids)
 
 
-@functools.cache
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 byte-level alphabet: each byte ↦ a printable unicode character."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
-
-
 def _bl(token: bytes) -> str:
+    """Bytes as GPT-2's byte-level alphabet (transformers' table)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     enc = bytes_to_unicode()
     return "".join(enc[b] for b in token)
 
@@ -97,33 +86,6 @@ def qwen_tiktoken_path() -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found in the installed dashscope; reinstall dashscope")
     return path
-
-
-def read_tiktoken(path: str | os.PathLike) -> dict[bytes, int]:
-    ranks = {}
-    for line in Path(path).read_bytes().splitlines():
-        if line:
-            tok, rank = line.split()
-            ranks[base64.b64decode(tok)] = int(rank)
-    return ranks
-
-
-def ranks_to_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """tiktoken ranks → byte-level BPE vocab + merges. Every split of a token into two lower-ranked tokens is a
-    merge, ordered by the merged token's rank: HF's BPE then merges in the order tiktoken does."""
-    vocab, merges = {}, []
-    for tok, rank in ranks.items():
-        vocab[_bl(tok)] = rank
-        if len(tok) < 2:
-            continue
-        local = [
-            (ranks[tok[:i]], ranks[tok[i:]], tok[:i], tok[i:])
-            for i in range(1, len(tok))
-            if ranks.get(tok[:i], rank) < rank and ranks.get(tok[i:], rank) < rank
-        ]
-        merges.extend((rank, a, b, left, right) for a, b, left, right in sorted(local))
-    merges.sort(key=lambda m: (m[0], m[1], m[2]))
-    return vocab, [(_bl(left), _bl(right)) for _, _, _, left, right in merges]
 
 
 def _hf_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], first_added_id: int):
@@ -159,21 +121,21 @@ def build_qwen2_tokenizer(tiktoken_path: str | os.PathLike | None = None, cache_
     path = Path(tiktoken_path) if tiktoken_path else qwen_tiktoken_path()
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("MMPL_CACHE", Path.home() / ".cache" / "megatron_mmpl"))
-    out = cache / f"qwen2-tokenizer-{digest}"
+    out = cache / f"qwen2-tokenizer-{digest}-tt"  # -tt: converted by transformers' TikTokenConverter
     if (out / "tokenizer.json").exists():
         tok = AutoTokenizer.from_pretrained(out)
         tok.image_token, tok.video_token = "<|image_pad|>", "<|video_pad|>"
         return tok
-    vocab, merges = ranks_to_vocab_merges(read_tiktoken(path))
+    # transformers' tiktoken converter: ranks → byte-level BPE vocab + merges (ids equal tiktoken's own encoding:
+    # tests/unit/data/test_chat_template.py)
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    vocab, merges = TikTokenConverter().extract_vocab_merges_from_model(str(path))
     if len(vocab) != QWEN_FIRST_ADDED_ID:
         raise ValueError(f"{path}: {len(vocab)} ranks, expected {QWEN_FIRST_ADDED_ID} (Qwen2's BPE)")
     tok = _hf_tokenizer(vocab, merges, QWEN_FIRST_ADDED_ID)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process won the race: use theirs
-        pass
+    with atomic_directory(out, keep_existing=True) as tmp:  # another process may build the same cache: theirs wins
+        tok.save_pretrained(tmp)
     return tok
 
 

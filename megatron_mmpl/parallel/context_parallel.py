@@ -158,30 +158,16 @@ def packed_seq_params(cu_seqlens, device=None):
 # ---------------------------------------------------------------- collectives with autograd
 
 
-class _AllGatherFirstDim(torch.autograd.Function):
-    """All-gather along dim 0 (equal shares); backward reduce-scatters (sums) the gradient back to the shares."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        world = dist.get_world_size(group)
-        out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        world = dist.get_world_size(ctx.group)
-        out = torch.empty((grad.shape[0] // world, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
-        return out, None
-
-
 def all_gather_first_dim(x: torch.Tensor, group=None) -> torch.Tensor:
-    """[n, ...] per rank → [world·n, ...] rank-major; identity for a group of one."""
+    """[n, ...] per rank → [world·n, ...] rank-major, backward reduce-scatters (sums) the gradient back to the
+    shares: megatron's sequence-parallel gather, over `group`; identity for a group of one."""
     if group is None or dist.get_world_size(group) == 1:
         return x
-    return _AllGatherFirstDim.apply(x, group)
+    from megatron.core.tensor_parallel.mappings import (
+        gather_from_sequence_parallel_region,  # lazy: megatron costs seconds
+    )
+
+    return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=group)
 
 
 def gather_kv_for_cp(x_local: torch.Tensor, cu_seqlens_padded, group) -> torch.Tensor:
@@ -192,7 +178,10 @@ def gather_kv_for_cp(x_local: torch.Tensor, cu_seqlens_padded, group) -> torch.T
 
 
 class _AllGatherUneven(torch.autograd.Function):
-    """All-gather of unequal first-dim shares (sizes known on every rank); backward all-reduces and slices."""
+    """All-gather of unequal first-dim shares (sizes known on every rank); backward all-reduces and slices.
+
+    Not megatron's gather_from_sequence_parallel_region(output_split_sizes=...): its uneven all_gather and
+    reduce_scatter do not run on gloo (the CPU tests and the quickstart), so shares are padded to the largest."""
 
     @staticmethod
     def forward(ctx, x, sizes, group):

@@ -1,4 +1,5 @@
-"""Process groups: torch.distributed + megatron parallel_state, with the CPU runtime on CUDA-less machines."""
+"""Process groups: torch.distributed + megatron parallel_state, with the CPU runtime (compat/cpu_runtime.py) on
+CUDA-less machines for as long as the groups exist."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_mmpl.parallel.cpu_runtime import apply_cpu_runtime
+from megatron_mmpl.compat.cpu_runtime import apply_cpu_runtime, remove_cpu_runtime
+from megatron_mmpl.parallel.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(
             backend=backend or ("nccl" if cuda else "gloo"),
             rank=int(os.environ.get("RANK", "0")),
@@ -69,11 +71,4 @@ def destroy_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    remove_cpu_runtime()

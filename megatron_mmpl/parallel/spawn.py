@@ -2,16 +2,22 @@
 
 On CPU, ranks are forked from a forkserver that has already imported torch and megatron.core, so each rank
 starts in well under a second instead of re-importing megatron (~7 s per process on 2 cores). With CUDA they
-are spawned (one GPU per rank: LOCAL_RANK).
+are spawned, one GPU per rank (LOCAL_RANK); `device` picks CPU ranks (CUDA hidden from them) or refuses a run
+that needs more GPUs than there are.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import multiprocessing as mp
 import os
 import pickle
-import socket
+import queue as queue_mod
+import time
 import traceback
+
+from megatron_mmpl.parallel.ports import free_port
 
 _PRELOAD = ["torch", "megatron.core", "megatron.core.models.gpt", "transformers"]
 _CTX = None
@@ -24,7 +30,7 @@ def _context():
     if _CTX is None:
         import torch
 
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # also for CPU ranks on a GPU host: this process may already hold CUDA
             _CTX = mp.get_context("spawn")
         else:
             _CTX = mp.get_context("forkserver")
@@ -33,7 +39,6 @@ def _context():
 
 
 def _importable(name: str) -> bool:
-    import importlib.util
 
     try:
         return importlib.util.find_spec(name.split(".")[0]) is not None
@@ -41,10 +46,20 @@ def _importable(name: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rank_device(world_size: int, device: str = "auto") -> str:
+    """Where `world_size` ranks run: 'cuda' (one GPU each) or 'cpu' (gloo). 'auto': CUDA when there is a GPU
+    for every rank, else CPU; 'cuda' with too few GPUs is refused, naming the counts."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "auto":
+        return "cuda" if gpus >= world_size else "cpu"
+    if device == "cuda" and gpus < world_size:
+        raise RuntimeError(f"{world_size} ranks need {world_size} GPUs, this machine has {gpus}; "
+                           "run fewer ranks or pass device='cpu' (gloo)")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r}: use 'auto', 'cuda' or 'cpu'")
+    return device
 
 
 def _rank_main(fn, rank, world_size, port, env, args_bytes, queue):
@@ -69,27 +84,33 @@ def _rank_main(fn, rank, world_size, port, env, args_bytes, queue):
             pass
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, env: dict | None = None) -> list:
+def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, env: dict | None = None,
+                    device: str | None = None) -> list:
     """Run `fn(*args)` in `world_size` ranks; return the per-rank results (rank order).
 
     `fn` must be importable by reference (a module-level function). A rank that raises fails the call with
-    every failing rank's traceback; ranks still running at `timeout` seconds are killed.
+    every failing rank's traceback; ranks still running at `timeout` seconds are killed. `device`: see
+    `rank_device` (CPU ranks on a GPU host see no CUDA device at all, so megatron takes its CPU/gloo path);
+    default: $MMPL_RANK_DEVICE, else "auto" (the test suite sets "cpu": its distributed tests are CPU fp32 checks
+    on every machine, and tests/gpu asks for "cuda").
     """
+    env = dict(env or {})
+    if rank_device(world_size, device or os.environ.get("MMPL_RANK_DEVICE", "auto")) == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     ctx = _context()
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     # Arguments and results travel as plain pickles (tensor data inline): multiprocessing's own reducer would
     # pass one file descriptor per tensor, which runs out with many tensors and dies with the sending process.
     args_bytes = pickle.dumps(args)
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, dict(env or {}), args_bytes, queue))
+        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, env, args_bytes, queue))
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    with _environ(env):  # before the child starts: CUDA_VISIBLE_DEVICES is read at its first CUDA call
+        for p in procs:
+            p.start()
     results: dict[int, tuple[bool, object]] = {}
-    import queue as queue_mod
-    import time
 
     deadline = time.monotonic() + timeout
     try:
@@ -124,6 +145,21 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, env: dic
     if any(not ok for ok, _ in results.values()):
         raise RuntimeError(f"distributed run of {fn.__qualname__} failed:\n" + _failures(results))
     return [pickle.loads(results[r][1]) for r in range(world_size)]
+
+
+@contextlib.contextmanager
+def _environ(env: dict):
+    """`env` set in this process while children start (spawned children inherit the environment)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _failures(results) -> str:

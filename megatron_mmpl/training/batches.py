@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 
+from megatron_mmpl.config.hf_config import check_tokens_match
 from megatron_mmpl.config.load import ConfigError
+from megatron_mmpl.data.shards import load_index
+from megatron_mmpl.data.storage import is_url
+from megatron_mmpl.data.tokenizer import load_tokenizer
 
 
-def check_data_dir(path: str, hf=None, storage_options: dict | None = None) -> dict:
+def check_data_dir(path: str, spec=None, storage_options: dict | None = None) -> dict:
     """Fail before any compute when data.shards (a path or URL) is not a built shard dir, or its tokens are not
     the model's."""
-    from megatron_mmpl.config.hf_config import check_tokens_match
-    from megatron_mmpl.data.shards import load_index
-    from megatron_mmpl.data.storage import is_url
 
     if not path or not (is_url(path) or os.path.isdir(path)):
         raise FileNotFoundError(f"data.shards={path!r} does not exist; build it with `mmpl data build` "
@@ -24,8 +25,8 @@ def check_data_dir(path: str, hf=None, storage_options: dict | None = None) -> d
                                 ) from None
     if not index.get("tokenizer_name"):
         raise ConfigError(f"data.shards={path!r}: index.json names no tokenizer (tokenizer_name)")
-    if hf is not None and index.get("special_ids"):
-        check_tokens_match(hf, index["special_ids"], f"data.shards={path!r}")
+    if spec is not None and index.get("special_ids"):
+        check_tokens_match(spec, index["special_ids"], f"data.shards={path!r}")
     return index
 
 
@@ -65,7 +66,6 @@ class Batches:
 def open_batches(cfg, hf, dp_rank: int, dp_size: int, state: dict | None = None, pad_multiple: int = 1) -> Batches:
     """The data pipeline's loader for this data-parallel rank, restored from `state` when resuming."""
     from megatron_mmpl.data.loader import build_train_loader
-    from megatron_mmpl.data.tokenizer import load_tokenizer
 
     index = check_data_dir(cfg.data.shards, storage_options=cfg.data.storage_options)
     loader = build_train_loader(cfg.data, load_tokenizer(index["tokenizer_name"]), dp_rank=dp_rank, dp_size=dp_size,

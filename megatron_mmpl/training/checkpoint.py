@@ -1,13 +1,6 @@
-"""Dist checkpoints (torch_dist): save, find the latest complete one, resume or load model weights only.
+"""Dist checkpoints (torch_dist): save, resume, or load model weights only (layout: storage/checkpoint_dir.py).
 
-Layout of `checkpoint.save`:
-    iter_0000100/               one complete checkpoint (megatron dist_checkpointing dir)
-        metadata.json, common.pt, *.distcp   model + optimizer (fully_reshardable: TP/PP/DP reshardable)
-        mmpl/config.yaml        the resolved run config
-        mmpl/hf/                the model's HF config.json + tokenizer/processor files (export needs nothing else)
-        mmpl/data_dp{r}.pt      data-loader state of data-parallel rank r
-        mmpl/rng_{layout}_r{n}.pt   RNG states of global rank n under that layout
-    latest_checkpointed_iteration.txt   tracker: the newest complete step, written last and atomically
+The model and optimizer go in megatron's fully_reshardable format (reshardable over TP/PP/DP on load).
 
 A checkpoint is written into `iter_N.partial/`, renamed to `iter_N/` once every rank has finished, and only
 then named by the tracker; a crash mid-save leaves at most a `.partial` dir, which is never loaded.
@@ -17,16 +10,28 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-TRACKER = "latest_checkpointed_iteration.txt"
-STATE_DIR = "mmpl"
+from megatron_mmpl.compat.optimizer import allocate_adam_state, skip_adam_step_on_param_state_load, unshare_adam_steps
+from megatron_mmpl.storage.atomic import atomic_write, replace_directory
+from megatron_mmpl.storage.checkpoint_dir import (  # noqa: F401 - the trainer reads the layout through this module
+    HF_DIR,
+    SIDE_FILES,
+    STATE_DIR,
+    TRACKER,
+    classify_load_path,
+    complete_steps,
+    iter_dir,
+    latest_step,
+    resolve_checkpoint,
+)
+
 # Megatron's DistributedOptimizer format that reshards across TP/PP (and DP) on load.
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -39,47 +44,6 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     extra: dict = field(default_factory=dict)
-
-
-def iter_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"iter_{step:07d}")
-
-
-def latest_step(root: str) -> int | None:
-    """The step named by the tracker in `root`, if that checkpoint is complete; else the newest complete dir."""
-    tracker = os.path.join(root, TRACKER)
-    if os.path.isfile(tracker):
-        with open(tracker) as f:
-            text = f.read().strip()
-        if text.isdigit() and os.path.isfile(os.path.join(iter_dir(root, int(text)), "metadata.json")):
-            return int(text)
-    steps = complete_steps(root)
-    return steps[-1] if steps else None
-
-
-def complete_steps(root: str) -> list[int]:
-    if not os.path.isdir(root):
-        return []
-    steps = []
-    for name in os.listdir(root):
-        m = re.fullmatch(r"iter_(\d{7})", name)
-        if m and os.path.isfile(os.path.join(root, name, "metadata.json")):
-            steps.append(int(m.group(1)))
-    return sorted(steps)
-
-
-def classify_load_path(path: str) -> str:
-    """'resume' for a run's checkpoint dir (tracker or iter_* inside), 'model' for a single dist checkpoint."""
-    if latest_step(path) is not None:
-        return "resume"
-    if os.path.isfile(os.path.join(path, "metadata.json")):
-        return "model"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint.load={path!r} does not exist")
-    raise FileNotFoundError(
-        f"checkpoint.load={path!r} holds no complete checkpoint (no {TRACKER}, no iter_*/metadata.json, "
-        "no metadata.json); point it at `mmpl convert hf-to-mcore` output or a run's checkpoint dir"
-    )
 
 
 def _rank() -> int:
@@ -121,14 +85,9 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-HF_DIR = "mmpl/hf"
-
-
 def write_hf_side_files(out: str, hf, load_path: str | None, tokenizer_name: str | None) -> None:
     """The model's HF config and its tokenizer/processor files, once per run (copied into every checkpoint):
     from the converted checkpoint the run started from when it has them, else generated for the data's tokenizer."""
-    from megatron_mmpl.conversion.hf_checkpoint import SIDE_FILES
-
     os.makedirs(out, exist_ok=True)
     hf.save_pretrained(out)
     source = os.path.join(load_path, HF_DIR) if load_path else None
@@ -136,9 +95,8 @@ def write_hf_side_files(out: str, hf, load_path: str | None, tokenizer_name: str
     for f in copied:
         shutil.copy2(os.path.join(source, f), os.path.join(out, f))
     if not copied and tokenizer_name:
-        from pathlib import Path
 
-        from megatron_mmpl.conversion.processor_files import write_processor_files
+        from megatron_mmpl.data.processor_files import write_processor_files
 
         write_processor_files(Path(out), hf, tokenizer_name)
 
@@ -180,88 +138,13 @@ def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, c
             f.write(config_yaml)
         if hf_side_dir and os.path.isdir(hf_side_dir):
             shutil.copytree(hf_side_dir, os.path.join(partial, HF_DIR))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(state.step))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(root, TRACKER))
+        replace_directory(partial, final)
+        atomic_write(os.path.join(root, TRACKER), str(state.step))
         if keep_last > 0:
             for old in complete_steps(root)[:-keep_last]:
                 shutil.rmtree(iter_dir(root, old), ignore_errors=True)
     _barrier()
     return final
-
-
-def load_model_weights(path: str, model) -> None:
-    """Load only the model from a dist checkpoint (e.g. a converted HF checkpoint), at any TP/PP."""
-    from megatron.core import dist_checkpointing
-
-    module = model.module if hasattr(model, "module") else model
-    model_sd = module.sharded_state_dict()
-    loaded = dist_checkpointing.load({"model": model_sd}, path, strict="raise_unexpected")
-    module.load_state_dict(loaded["model"], strict=True)
-
-
-def _allocate_adam_state(optimizer) -> None:
-    """Give a fresh optimizer zero Adam state (step 0) so that it can describe what it loads.
-
-    megatron 0.16.1 `DistributedOptimizer.sharded_state_dict(is_loading=True)` first calls `state_dict()`, which
-    with torch's Adam (no TE/apex installed) asserts one common 'step' over a state that does not exist yet.
-    Every value allocated here is overwritten by the load. (With TE/apex, megatron allocates the state itself.)
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
-        return
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        if inner is None or len(inner.state):
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
-
-
-def _skip_adam_step_on_param_state_load(optimizer) -> None:
-    """Let megatron 0.16.1 load fully_reshardable param state into torch's Adam.
-
-    `DistributedOptimizer._set_main_param_and_optimizer_states` copies every key of the live Adam state, which
-    for torch's Adam (no TE/apex) includes 'step', while the loaded tensors deliberately leave 'step' out (it is
-    restored from the param groups): hide 'step' during that copy.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not hasattr(opt, "_set_main_param_and_optimizer_states"):
-            continue
-        original = opt._set_main_param_and_optimizer_states
-
-        def set_states(model_param, tensors, opt=opt, original=original):
-            group_index, group_order = opt.model_param_group_index_map[model_param]
-            state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
-            step = state.pop("step", None) if "step" not in tensors else None
-            try:
-                original(model_param, tensors)
-            finally:
-                if step is not None:
-                    state["step"] = step
-
-        opt._set_main_param_and_optimizer_states = set_states
-
-
-def _unshare_adam_steps(optimizer) -> None:
-    """Give every parameter its own Adam 'step' tensor again.
-
-    megatron 0.16.1 (torch Adam path) restores one shared 'step' tensor into all parameters' states; torch's
-    Adam increments each state's step in place, so a shared tensor would advance once per parameter per step.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for state in (inner.state.values() if inner is not None else ()):
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
 
 
 def resume(root: str, model, optimizer, scheduler) -> tuple[TrainState, dict | None]:
@@ -278,16 +161,16 @@ def resume(root: str, model, optimizer, scheduler) -> tuple[TrainState, dict | N
     path = iter_dir(root, step)
     module = model.module if hasattr(model, "module") else model
     model_sd = module.sharded_state_dict()
-    _allocate_adam_state(optimizer)
+    allocate_adam_state(optimizer)
     sharded = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_SHARDING),
     }
     loaded = dist_checkpointing.load(sharded, path)
     module.load_state_dict(loaded["model"], strict=True)
-    _skip_adam_step_on_param_state_load(optimizer)
+    skip_adam_step_on_param_state_load(optimizer)
     optimizer.load_state_dict(loaded["optimizer"])
-    _unshare_adam_steps(optimizer)
+    unshare_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     ts = dict(loaded["train_state"])
     state = TrainState(step=ts.pop("step"), consumed_samples=ts.pop("consumed_samples"),

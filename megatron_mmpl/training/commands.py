@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import warnings
 
 
 def register(subparsers) -> None:
@@ -25,8 +27,6 @@ def register(subparsers) -> None:
 
 
 def _train(args) -> int:
-    import os
-    import warnings
 
     # megatron-core warns on import that TE/apex are absent (expected on CPU and without the `te` extra).
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
@@ -44,7 +44,7 @@ def _train(args) -> int:
     from megatron_mmpl.training.train import preflight, train
 
     if args.check:
-        _, (kind, path) = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        _, _, (kind, path) = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         print(f"config ok; start: {kind}{f' from {path}' if path else ''}")
         return 0
     result = train(cfg)

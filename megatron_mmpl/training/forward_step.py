@@ -13,6 +13,8 @@ from functools import partial
 
 import torch
 
+from megatron_mmpl.parallel.context_parallel import packed_seq_params, split_packed_batch
+
 # Batch entries the model takes besides input_ids / position_ids / labels.
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 # Small metadata the model reads on the host (image grids, sample boundaries): left on the CPU, so reading them
@@ -73,7 +75,8 @@ class ForwardStep:
         inputs = self._split_for_context_parallel(batch)
         output = model(
             input_ids=batch["input_ids"], position_ids=inputs["position_ids"], labels=inputs["labels"],
-            packed_seq_params=inputs["packed_seq_params"], **{k: batch[k] for k in VISION_KEYS if k in batch},
+            packed_seq_params=inputs["packed_seq_params"], cp_plan=inputs.get("cp_plan"),
+            **{k: batch[k] for k in VISION_KEYS if k in batch},
         )
         return output, partial(loss_func, inputs["loss_mask"])
 
@@ -100,15 +103,11 @@ class ForwardStep:
 
     def _split_for_context_parallel(self, batch: dict) -> dict:
         """This rank's zigzag share of positions/labels/loss mask; merged embeddings are split the same way."""
-        from megatron_mmpl.parallel.context_parallel import packed_seq_params, split_packed_batch
 
         if self.cp_size == 1 and self.seq_multiple == 1:
             return dict(position_ids=batch["position_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],
                         packed_seq_params=packed_seq_params(batch["cu_seqlens"]))
         local = split_packed_batch(batch, self.cp_rank, self.cp_size, multiple=self.seq_multiple,
                                    keys=("labels", "loss_mask", "position_ids"))
-        plan = local["cp_plan"]
-        if self.module.pre_process:
-            self.module.split_merged_embeddings = lambda emb: plan.split(emb, seq_dim=0)  # [s, b, h] → share
         return dict(position_ids=local["position_ids"], labels=local["labels"], loss_mask=local["loss_mask"],
-                    packed_seq_params=packed_seq_params(local["cu_seqlens"]))
+                    packed_seq_params=packed_seq_params(local["cu_seqlens"]), cp_plan=local["cp_plan"])

@@ -8,11 +8,12 @@ import os
 import torch
 
 from megatron_mmpl.config import Config, ConfigError
+from megatron_mmpl.plan.memory import Hardware, PlanError, plan_config
 
 GiB = 1024**3
 
 
-def plan_this_run(cfg: Config, hf, world_size: int):
+def plan_this_run(cfg: Config, spec, world_size: int):
     """Resolve model.recompute=auto and refuse a layout the planner says cannot fit this GPU.
 
     Returns the plan (None on CPU, where auto means no recompute and host memory is not planned). A refused
@@ -22,13 +23,11 @@ def plan_this_run(cfg: Config, hf, world_size: int):
         if cfg.model.recompute == "auto":
             cfg.model.recompute = "none"
         return None
-    from megatron_mmpl.config.plan import Hardware, ModelShape, PlanError, plan_config
-
     local = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, torch.cuda.device_count())))
     mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
     hw = Hardware(nodes=max(1, world_size // local), gpus_per_node=local, gpu_mem_gib=mem)
     try:
-        plan = plan_config(cfg, hw, name="this run", shape=ModelShape.from_hf_dict(hf.to_dict()))
+        plan = plan_config(cfg, hw, name="this run", shape=spec)
     except PlanError as e:
         raise ConfigError(f"memory plan: {e}") from None
     for k, v in plan.model_settings.items():

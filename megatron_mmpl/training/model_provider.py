@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_mmpl.compat.schedules import variable_length_pipeline
 from megatron_mmpl.config import Config
 from megatron_mmpl.training.optimizer import DTYPES
 
@@ -13,9 +14,7 @@ def transformer_overrides(cfg: Config) -> tuple[dict, dict, dict]:
     is the ViT's own (models/qwen25vl/vision_model.py), not a megatron setting."""
     common = {"calculate_per_token_loss": True}
     if cfg.parallel.pp > 1:
-        # Packed rows may differ in length between steps: exchange p2p shapes instead of fixing seq_length.
-        # (megatron 0.16.1 rejects that with its default MoE dispatcher even in a dense model: name another.)
-        common.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
+        common.update(variable_length_pipeline())
     m, lm = cfg.model, {}
     if m.recompute == "auto":
         raise ValueError("model.recompute=auto must be resolved before the model is built (training/memory.py)")
@@ -30,13 +29,14 @@ def transformer_overrides(cfg: Config) -> tuple[dict, dict, dict]:
     return common, lm, vit
 
 
-def build_model_chunk(cfg: Config, hf) -> torch.nn.Module:
-    """`models.qwen25vl.build.build_model` for this rank (parallel_state must be initialised)."""
-    from megatron_mmpl.models.qwen25vl.build import build_model
+def build_model_chunk(cfg: Config, spec, layout) -> torch.nn.Module:
+    """`models.qwen25vl.build.build_model` for this rank under `layout` (what initialize_parallel returned)."""
+    from megatron_mmpl.models.qwen25vl.build import build_model  # lazy: megatron's import costs seconds
 
     common, lm, vit = transformer_overrides(cfg)
     module = build_model(
-        hf, first_stage_layers=cfg.parallel.first_stage_layers, sequence_parallel=cfg.parallel.sequence_parallel,
+        spec, layout, first_stage_layers=cfg.parallel.first_stage_layers,
+        sequence_parallel=cfg.parallel.sequence_parallel,
         dtype=DTYPES[cfg.model.dtype],
         attention_backend=None if cfg.model.attention_backend == "auto" else cfg.model.attention_backend,
         overrides=common, language_overrides=lm, vision_overrides=vit, fused_kernels=cfg.model.fused_kernels,

@@ -2,7 +2,7 @@
 
 Runs under torchrun (RANK/WORLD_SIZE/... in the env) or as one process. Megatron does the work: the pipeline
 schedule (1F1B over micro-batches), DDP with the distributed optimizer, dist checkpoints. On CPU the same
-megatron code runs through parallel/cpu_runtime.py (fp32, gloo).
+megatron code runs through compat/cpu_runtime.py (fp32, gloo).
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ import torch.distributed as dist
 
 from megatron_mmpl.config import Config, ConfigError, dump_yaml, train_steps, validate_config, validate_layout
 from megatron_mmpl.config.hf_config import check_matches_checkpoint, resolve_hf_config
+from megatron_mmpl.models.qwen25vl.spec import ModelSpec
+from megatron_mmpl.parallel.process_groups import initialize_parallel
 from megatron_mmpl.training import checkpoint as ckpt
 from megatron_mmpl.training.batches import check_data_dir, check_mixture, open_batches
 from megatron_mmpl.training.flops import FlopModel, peak_tflops
 from megatron_mmpl.training.forward_step import ForwardStep
 from megatron_mmpl.training.logger import RunLogger
 from megatron_mmpl.training.memory import plan_this_run, planned_vs_measured, use_expandable_segments
+from megatron_mmpl.training.model_provider import build_model_chunk
 from megatron_mmpl.training.optimizer import DTYPES, build_optimizer, current_lr, freeze, wrap_ddp
 from megatron_mmpl.training.signals import StopSignal
 from megatron_mmpl.training.step_profile import PhaseTimer, start_profiler, stop_profiler
@@ -52,17 +55,19 @@ def plan_start(cfg: Config) -> tuple[str, str | None]:
 
 
 def preflight(cfg: Config, world_size: int):
-    """All checks that need no process group: config values, layout vs model shapes, inputs on disk."""
+    """All checks that need no process group: config values, layout vs model shapes, inputs on disk.
+    Returns the HF config, the model's spec (built once, here) and how the run starts."""
     validate_config(cfg)
     hf = resolve_hf_config(cfg.model)
-    validate_layout(cfg, world_size, hf)
+    spec = ModelSpec.from_hf(hf)
+    validate_layout(cfg, world_size, spec)
     if cfg.model.dtype != "fp32" and not torch.cuda.is_available():
         raise ConfigError(f"model.dtype={cfg.model.dtype} needs a GPU; on CPU set model.dtype=fp32")
-    check_mixture(cfg.data, check_data_dir(cfg.data.shards, hf, cfg.data.storage_options))
+    check_mixture(cfg.data, check_data_dir(cfg.data.shards, spec, cfg.data.storage_options))
     start = plan_start(cfg)
     if start[0] == "model":
-        check_matches_checkpoint(hf, cfg.model, start[1])
-    return hf, start
+        check_matches_checkpoint(spec, cfg.model, start[1])
+    return hf, spec, start
 
 
 def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
@@ -71,16 +76,15 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_mmpl.parallel.process_groups import initialize_parallel
-    from megatron_mmpl.training.model_provider import build_model_chunk
+    from megatron_mmpl.models.qwen25vl.build import load_model_weights
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    hf, (start_kind, start_path) = preflight(cfg, world_size)
+    hf, spec, (start_kind, start_path) = preflight(cfg, world_size)
     use_expandable_segments()
     hf_side_dir = os.path.join(cfg.run_dir, "hf_files")  # HF config + tokenizer, copied into each checkpoint
     p, d = cfg.parallel, cfg.data
-    initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.seed)
-    memory_plan = plan_this_run(cfg, hf, world_size)  # resolves model.recompute=auto; refuses what cannot fit
+    layout = initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.seed)
+    memory_plan = plan_this_run(cfg, spec, world_size)  # resolves model.recompute=auto; refuses what cannot fit
     rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     num_microbatches = d.global_batch_size // (d.micro_batch_size * dp)
     total_steps = train_steps(cfg)
@@ -90,14 +94,14 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
         tokenizer = check_data_dir(cfg.data.shards, storage_options=cfg.data.storage_options).get("tokenizer_name")
         side_source = start_path if start_kind == "model" else None
         if start_kind == "resume":
-            side_source = ckpt.iter_dir(start_path, ckpt.latest_step(start_path))
+            side_source = ckpt.resolve_checkpoint(start_path)
         ckpt.write_hf_side_files(hf_side_dir, hf, side_source, tokenizer)
 
     # Model: this rank's chunk, frozen parts, weights of a converted checkpoint, DDP + distributed optimizer.
-    module = build_model_chunk(cfg, hf)
+    module = build_model_chunk(cfg, spec, layout)
     freeze(module, cfg)
     if start_kind == "model":
-        ckpt.load_model_weights(start_path, module)
+        load_model_weights(start_path, module)
     model = wrap_ddp(module, cfg)
     optimizer, scheduler = build_optimizer(model, cfg)
     mcfg = module.config
@@ -112,12 +116,12 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
         state, data_state = ckpt.resume(start_path, model, optimizer, scheduler)
 
     # Data: this data-parallel rank's packed micro-batches (TP/PP/CP peers read the same ones).
-    seq_multiple = 2 * p.cp * (p.tp if p.sequence_parallel else 1) if (p.cp > 1 or p.sequence_parallel) else 1
+    seq_multiple = p.pad_multiple
     batches = open_batches(cfg, hf, dp_rank=dp_rank, dp_size=dp, state=data_state, pad_multiple=seq_multiple)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     first_of_replica = (ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
                         and ps.get_context_parallel_rank() == 0)
-    step_fn = ForwardStep(module, FlopModel.from_hf(hf), device, DTYPES[cfg.model.dtype], first_of_replica,
+    step_fn = ForwardStep(module, FlopModel(spec), device, DTYPES[cfg.model.dtype], first_of_replica,
                           cp_rank=ps.get_context_parallel_rank(), cp_size=p.cp, seq_multiple=seq_multiple)
     forward_backward = get_forward_backward_func()
     loss_reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0

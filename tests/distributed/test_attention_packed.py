@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_mmpl.parallel.spawn import run_distributed
-from tests.distributed.test_attention_models import build_gpt, packed_batch
+from tests.distributed.attention_models import build_gpt, packed_batch
 
 pytestmark = pytest.mark.distributed
 

@@ -1,8 +1,8 @@
 """Tiny Qwen2.5-VL under context parallelism: CP=2 (2 ranks) and CP=2×TP=2 (4 ranks) equal CP=1 on one packed
 row of image+text samples (fp32, gloo): logits, loss and gradients of both towers within 1e-5 relative.
 
-The row is merged (ViT embeddings scattered at the image pads) before the zigzag split, through the model's
-`split_merged_embeddings` hook; sample lengths are not multiples of 2·CP. Each CP rank's ViT encodes only its
+The row is merged (ViT embeddings scattered at the image pads) before the zigzag split, which the model applies
+with the `cp_plan` it is given; sample lengths are not multiples of 2·CP. Each CP rank's ViT encodes only its
 share of the images (encode_vision_over_cp; asserted by patch counts).
 """
 
@@ -46,16 +46,17 @@ def _vlm_run(tp, cp, weights):
     )
     from megatron_mmpl.parallel.process_groups import initialize_parallel
 
-    initialize_parallel(tp=tp, cp=cp)
+    layout = initialize_parallel(tp=tp, cp=cp)
     cfg = hf_config_from_preset("tiny")
-    model = build_model(cfg).eval()
+    model = build_model(cfg, layout).eval()
     load_full_weights(model, weights)
     row, _ = _packed_row(cfg)
     cp_group, cp_rank = ps.get_context_parallel_group(), ps.get_context_parallel_rank()
     patches_seen = []
-    if cp > 1:  # input_ids stay whole: the merge needs every image pad; the merged row is split by the hook
+    plan = None
+    if cp > 1:  # input_ids stay whole: the merge needs every image pad; the merged row is split by cp_plan
         local = split_packed_batch(row, cp_rank, cp, keys=("labels", "loss_mask", "position_ids"))
-        model.split_merged_embeddings = lambda emb: local["cp_plan"].split(emb, seq_dim=0)
+        plan = local["cp_plan"]
         # count the patches this rank's ViT encodes (the model partitions images over CP itself)
         vit = model.vision_model.forward
 
@@ -68,7 +69,7 @@ def _vlm_run(tp, cp, weights):
         local = row
     psp = packed_seq_params(local["cu_seqlens"])
     args = (row["input_ids"], local["position_ids"], row["pixel_values"], row["image_grid_thw"])
-    loss = model(*args, labels=local["labels"].clamp_min(0), packed_seq_params=psp)
+    loss = model(*args, labels=local["labels"].clamp_min(0), packed_seq_params=psp, cp_plan=plan)
     loss_sum = (loss * local["loss_mask"]).sum()
     (loss_sum / row["loss_mask"].sum()).backward()
     if cp > 1:
@@ -77,7 +78,7 @@ def _vlm_run(tp, cp, weights):
                 dist.all_reduce(p.grad, group=cp_group)
     total, count = reduce_loss_across_cp(loss_sum, local["loss_mask"].sum(), cp_group if cp > 1 else None)
     with torch.no_grad():
-        logits = model(*args, packed_seq_params=psp)
+        logits = model(*args, packed_seq_params=psp, cp_plan=plan)
     if cp > 1:
         logits = local["cp_plan"].gather(logits, seq_dim=1, group=cp_group)
     return (total / count).item(), logits, gather_full_weights(model, grads=True), patches_seen[:1]
@@ -85,7 +86,7 @@ def _vlm_run(tp, cp, weights):
 
 @pytest.fixture(scope="module")
 def reference():
-    from megatron_mmpl.conversion.mapping import hf_to_mcore_dict
+    from megatron_mmpl.models.qwen25vl.hf_mapping import hf_to_mcore_dict
     from megatron_mmpl.models.qwen25vl.testing import tiny_hf_model
 
     hf = tiny_hf_model("tiny", seed=0)

@@ -95,12 +95,11 @@ def _resave(mc_dir, out_dir, hf_dir, tp, pp):
     from transformers import Qwen2_5_VLConfig
 
     from megatron_mmpl.conversion.hf_checkpoint import HFCheckpoint
-    from megatron_mmpl.models.qwen25vl.build import build_model
+    from megatron_mmpl.models.qwen25vl.build import build_model, load_model_weights
     from megatron_mmpl.parallel.process_groups import initialize_parallel
-    from megatron_mmpl.training.checkpoint import load_model_weights
 
-    initialize_parallel(tp=tp, pp=pp)
-    model = build_model(Qwen2_5_VLConfig(**HFCheckpoint(hf_dir).config_dict), dtype=torch.float32,
+    layout = initialize_parallel(tp=tp, pp=pp)
+    model = build_model(Qwen2_5_VLConfig(**HFCheckpoint(hf_dir).config_dict), layout, dtype=torch.float32,
                         overrides={"perform_initialization": False})
     load_model_weights(mc_dir, model)
     dist_checkpointing.save({"model": model.sharded_state_dict()}, out_dir)

@@ -18,9 +18,9 @@ def _loss_and_grads(weights, tp, sp, chunk):
     from megatron_mmpl.models.qwen25vl.testing import mm_prompt
     from megatron_mmpl.parallel.process_groups import initialize_parallel
 
-    initialize_parallel(tp=tp)
+    layout = initialize_parallel(tp=tp)
     cfg = hf_config_from_preset("tiny")
-    model = build_model(cfg, sequence_parallel=sp)
+    model = build_model(cfg, layout, sequence_parallel=sp)
     load_full_weights(model, weights)
     model.language_model.loss_chunk_tokens = chunk
     batch = mm_prompt(cfg, PARTS, seed=1)
@@ -43,7 +43,7 @@ def _loss_and_grads(weights, tp, sp, chunk):
 
 @pytest.fixture(scope="module")
 def weights():
-    from megatron_mmpl.conversion.mapping import hf_to_mcore_dict
+    from megatron_mmpl.models.qwen25vl.hf_mapping import hf_to_mcore_dict
     from megatron_mmpl.models.qwen25vl.testing import tiny_hf_model
 
     hf = tiny_hf_model("tiny", seed=0)

@@ -4,34 +4,16 @@ import pytest
 import torch
 
 from megatron_mmpl.parallel.spawn import run_distributed
+from tests.distributed.attention_models import VOCAB, build_gpt
 
 pytestmark = pytest.mark.distributed
 
-VOCAB, SEQ, BATCH = 64, 12, 2
+SEQ, BATCH = 12, 2
 
 
 def _build_gpt(tp: int, pp: int = 1):
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
-    cfg = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
-        add_qkv_bias=True, add_bias_linear=False, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, bias_activation_fusion=False, layernorm_epsilon=1e-6,
-        mrope_section=[1, 1, 2], hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, use_cpu_initialization=True,
-        params_dtype=torch.float32, pipeline_dtype=torch.float32, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False, apply_rope_fusion=False, bias_dropout_fusion=False,
-    )
-    return GPTModel(
-        config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="mrope",
-        share_embeddings_and_output_weights=False, rotary_base=10000,
-        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-    )
+    """megatron's stock GPTModel (local spec, its own attention) at this layout."""
+    return build_gpt(tp=tp, pp=pp, stock_attention=True)
 
 
 def _inputs():

@@ -29,8 +29,8 @@ def _ours(weights, text_config, batch):
     from megatron_mmpl.models.qwen25vl.presets import hf_config_from_preset
     from megatron_mmpl.parallel.process_groups import initialize_parallel
 
-    initialize_parallel()
-    model = build_model(hf_config_from_preset("tiny", text_config=text_config)).eval()
+    layout = initialize_parallel()
+    model = build_model(hf_config_from_preset("tiny", text_config=text_config), layout).eval()
     load_full_weights(model, weights)
     with torch.no_grad():
         return model(batch["input_ids"], batch["position_ids"], pixel_values=batch["pixel_values"],
@@ -39,7 +39,7 @@ def _ours(weights, text_config, batch):
 
 @pytest.mark.parametrize("kind", list(SCALINGS))
 def test_scaled_mrope_matches_transformers(kind):
-    from megatron_mmpl.conversion.mapping import hf_to_mcore_dict
+    from megatron_mmpl.models.qwen25vl.hf_mapping import hf_to_mcore_dict
     from megatron_mmpl.models.qwen25vl.testing import hf_logits, mm_prompt, tiny_hf_model
 
     tc = _text_config(SCALINGS[kind])

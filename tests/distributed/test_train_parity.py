@@ -31,7 +31,7 @@ def test_tp2_and_pp2_follow_tp1(tmp_path):
         for rank, r in enumerate(runs[name]):
             for step, loss in ref.items():
                 rel = abs(r["losses"][step] - loss) / abs(loss)
-                assert rel <= 1e-5, (name, rank, step, r["losses"][step], loss)
+                assert rel <= 1e-6, (name, rank, step, r["losses"][step], loss)  # observed <= 1.1e-7
             print(name, rank, {s: f"{abs(r['losses'][s] - v) / v:.1e}" for s, v in ref.items()})
         weights = merged_weights(runs[name])
         assert weights.keys() == ref_w.keys()

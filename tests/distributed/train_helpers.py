@@ -47,10 +47,10 @@ def save_start_checkpoint(path: str, seed: int = 0, extra: tuple = ()) -> dict:
     from megatron_mmpl.parallel.process_groups import initialize_parallel
     from megatron_mmpl.training.model_provider import build_model_chunk
 
-    initialize_parallel()
+    layout = initialize_parallel()
     torch.manual_seed(seed)
     cfg = load_config(None, [*TINY_MODEL, *extra])
-    module = build_model_chunk(cfg, resolve_hf_config(cfg.model))
+    module = build_model_chunk(cfg, resolve_hf_config(cfg.model), layout)
     os.makedirs(path, exist_ok=True)
     dist_checkpointing.save({"model": module.sharded_state_dict()}, path)
     from megatron_mmpl.models.qwen25vl.build import gather_full_weights

@@ -29,7 +29,7 @@ def _stats(ours: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def _load(model, hf):
-    from megatron_mmpl.conversion.mapping import hf_to_mcore
+    from megatron_mmpl.models.qwen25vl.hf_mapping import hf_to_mcore
 
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -66,7 +66,7 @@ def compare_7b(preset: str = "qwen25vl-7b") -> dict:
 
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("RANK", "0")
-    initialize_parallel()
+    layout = initialize_parallel()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -79,13 +79,13 @@ def compare_7b(preset: str = "qwen25vl-7b") -> dict:
         hf = Qwen2_5_VLForConditionalGeneration(cfg).float().eval()  # transformers' random init (std 0.02)
     batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in mm_prompt(cfg, PARTS, seed=0).items()}
     ref32 = _hf_forward(hf, batch, torch.float32)
-    model = build_model(cfg, dtype=torch.float32).eval()
+    model = build_model(cfg, layout, dtype=torch.float32).eval()
     _load(model, hf)
     ours32 = _forward(model, batch, torch.float32)
     del model
     hf = hf.to(torch.bfloat16)
     ref16 = _hf_forward(hf, batch, torch.bfloat16)
-    model = build_model(cfg, dtype=torch.bfloat16).eval()
+    model = build_model(cfg, layout, dtype=torch.bfloat16).eval()
     _load(model, hf)
     ours16 = _forward(model, batch, torch.bfloat16)
     res = {

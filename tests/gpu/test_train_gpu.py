@@ -37,7 +37,7 @@ def _train_gpu(args, max_steps=None):
 def test_bf16_distributed_optimizer_learns_and_resumes(tmp_path):
     steps = 20
     args = overrides(str(tmp_path), *GPU, f"schedule.train_steps={steps}", "logging.interval=5")
-    (straight,) = run_distributed(_train_gpu, 1, [*args, f"run_dir={tmp_path / 'straight'}"])
+    (straight,) = run_distributed(_train_gpu, 1, [*args, f"run_dir={tmp_path / 'straight'}"], device="cuda")
     print(straight)
     assert straight["device"].startswith("cuda") and straight["param_dtypes"] == ["torch.bfloat16"]
     assert straight["optimizer"] == "DistributedOptimizer" and straight["main_dtypes"] == ["torch.float32"]
@@ -50,13 +50,13 @@ def test_bf16_distributed_optimizer_learns_and_resumes(tmp_path):
     # see exactly run 1's weights and batch — same loss up to bf16 forward kernels.
     half = steps // 2
     split = [*args, f"run_dir={tmp_path / 'split'}", f"checkpoint.interval={half}"]
-    (first,) = run_distributed(_train_gpu, 1, split, half + 1)
+    (first,) = run_distributed(_train_gpu, 1, split, half + 1, device="cuda")
     ckpts = tmp_path / "split" / "checkpoints"
     import shutil
 
     shutil.rmtree(ckpts / f"iter_{half + 1:07d}", ignore_errors=True)  # if the stop at N+1 saved one
     (ckpts / "latest_checkpointed_iteration.txt").write_text(str(half))
-    (second,) = run_distributed(_train_gpu, 1, split)
+    (second,) = run_distributed(_train_gpu, 1, split, device="cuda")
     assert sorted(second["losses"]) == list(range(half + 1, steps + 1))
     first_step = abs(second["losses"][half + 1] - first["losses"][half + 1]) / abs(first["losses"][half + 1])
     print("resumed step", half + 1, "rel. loss diff", f"{first_step:.1e}")
@@ -68,10 +68,10 @@ def test_bf16_distributed_optimizer_learns_and_resumes(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tp2_follows_tp1_on_gpus(tmp_path):
     start = str(tmp_path / "start")
-    run_distributed(save_start_checkpoint, 1, start, 0, tuple(GPU))
+    run_distributed(save_start_checkpoint, 1, start, 0, tuple(GPU), device="cuda")
     args = overrides(str(tmp_path), *GPU, "schedule.train_steps=5", "optim.warmup=0", f"checkpoint.load={start}")
-    (tp1,) = run_distributed(_train_gpu, 1, [*args, f"run_dir={tmp_path / 'tp1'}"])
-    tp2 = run_distributed(_train_gpu, 2, [*args, f"run_dir={tmp_path / 'tp2'}", "parallel.tp=2"])
+    (tp1,) = run_distributed(_train_gpu, 1, [*args, f"run_dir={tmp_path / 'tp1'}"], device="cuda")
+    tp2 = run_distributed(_train_gpu, 2, [*args, f"run_dir={tmp_path / 'tp2'}", "parallel.tp=2"], device="cuda")
     for r in tp2:  # bf16 with another reduction order: close, not equal (exact parity: the CPU fp32 test)
         rel = {s: abs(r["losses"][s] - v) / v for s, v in tp1["losses"].items()}
         print("TP2 vs TP1 rel. loss diff:", {s: f"{d:.1e}" for s, d in rel.items()})

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from megatron_mmpl.cli import main
+from tests.requires import require_module
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +74,7 @@ def test_built_sample_lengths_are_exact(tmp_path):
 
 def test_build_from_pdf_pages(tmp_path):
     """A manifest naming a PDF + page range: pages rendered with pypdfium2 at 144 dpi, built like image pages."""
-    pytest.importorskip("pypdfium2")
+    require_module("pypdfium2", "PDF input needs pypdfium2 (pip install -e '.[pdf]')")
     from PIL import Image
 
     from megatron_mmpl.data.build import scan_manifest, write_build, write_synth_manifest

@@ -1,7 +1,7 @@
 """launch/nemo_run/launch.py: the Slurm dry-run renders a complete sbatch script (nodes, tasks = GPUs, signal,
 requeue, the per-task wrapper that runs `mmpl train` with the preset and overrides); the LocalExecutor runs the
 tiny preset for 2 steps under torchrun and leaves a complete checkpoint; the SlurmExecutor, submitted to a real
-local Slurm, trains 3 steps on 2 logical nodes. Skips when nemo_run is not installed."""
+local Slurm, trains 3 steps on 2 logical nodes. Skips when nemo_run is not installed (fails under CI=true)."""
 
 import os
 import subprocess
@@ -9,11 +9,13 @@ import sys
 
 import pytest
 
+from megatron_mmpl.plan.command import PRESET_DIR
 from tests.integration.slurm_cluster import REPO, slurm_cluster, tiny_shards  # noqa: F401
+from tests.requires import require_module
 
 pytestmark = pytest.mark.integration
 
-pytest.importorskip("nemo_run", reason="nemo-run not installed (pip install -e '.[launch]')")
+require_module("nemo_run", "nemo-run not installed (pip install -e '.[launch]')")
 
 LAUNCH = str(REPO / "launch" / "nemo_run" / "launch.py")
 
@@ -37,7 +39,7 @@ def test_slurm_dry_run_renders_the_script(tmp_path):
         assert line in script, f"{line!r} missing from:\n{script}"
     assert script.count("srun ") >= 1 and "--kill-on-bad-exit=1" in script
     task = (tmp_path / "job.sbatch.task.sh").read_text()
-    preset = REPO / "launch" / "presets" / "mmprolong-7b.yaml"
+    preset = os.path.join(PRESET_DIR, "mmprolong-7b.yaml")  # resolved as `mmpl plan` resolves it
     assert f"-m megatron_mmpl.cli train --config {preset} run_dir={REPO}/runs/mmprolong-7b optim.lr=2e-5" in task
     assert "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS" in task
     assert "exit 3" in task  # a clean stop on the time-limit signal asks NeMo-Run's script to requeue

@@ -2,7 +2,10 @@
 2 nodes all-reduce), a signal to the job's steps reaches the ranks (their handler runs, exit 0, no requeue), and
 a time-limit style signal to the batch shell is forwarded, then the job requeues itself and runs again.
 
-The job here is a small gloo program (MMPL_COMMAND), so this proves the launcher independent of the trainer.
+The job here is a small gloo program (MMPL_COMMAND), so this proves the launcher independent of the trainer. Every
+wait is for an event (a line in the job's output, a job state) with a generous limit, never a fixed sleep: the
+held job runs until it is signalled (HOLD is only its safety limit), so a slow, loaded machine cannot make the
+ranks finish on their own before the signal arrives.
 """
 
 import re
@@ -15,6 +18,7 @@ from tests.integration.slurm_cluster import REPO, slurm_cluster  # noqa: F401
 pytestmark = pytest.mark.integration
 
 SBATCH = str(REPO / "launch" / "slurm" / "train.sbatch")
+HOLD = 900  # seconds a held job waits for its signal at most (a safety limit, far above any wait below)
 
 PROGRAM = textwrap.dedent("""
     import os, signal, time
@@ -64,7 +68,7 @@ def _both_ranks_up(path: str) -> bool:
 
 def test_two_nodes_rendezvous(slurm_cluster, tmp_path):  # noqa: F811
     job, out = _submit(slurm_cluster, tmp_path, hold=0)
-    assert slurm_cluster.wait_done(job, 120) == "COMPLETED", _read(out)
+    assert slurm_cluster.wait_done(job, 300) == "COMPLETED", _read(out)
     text = _read(out)
     ranks = re.findall(r"RANK (\d)/2 sum 3 node (node\d)", text)
     assert sorted(ranks) == [("0", "node1"), ("1", "node2")], text  # one rank per node, all-reduce 1 + 2
@@ -74,23 +78,23 @@ def test_two_nodes_rendezvous(slurm_cluster, tmp_path):  # noqa: F811
 
 def test_signal_to_steps_and_requeue_from_batch_shell(slurm_cluster, tmp_path):  # noqa: F811
     # scancel --signal=USR1: delivered to the ranks, which stop cleanly; the job ends, no requeue.
-    job, out = _submit(slurm_cluster, tmp_path, hold=120)
-    slurm_cluster.wait_until(lambda: _both_ranks_up(out), 90, "both ranks up")
+    job, out = _submit(slurm_cluster, tmp_path, hold=HOLD)
+    slurm_cluster.wait_until(lambda: _both_ranks_up(out), 300, "both ranks up")
     slurm_cluster.run("scancel", "--signal=USR1", job)
-    assert slurm_cluster.wait_done(job, 60) == "COMPLETED", _read(out)
+    assert slurm_cluster.wait_done(job, 300) == "COMPLETED", _read(out)
     text = _read(out)
     assert "RANK 0 stopping on signal [10]" in text and "RANK 1 stopping on signal [10]" in text, text
     assert "requeueing" not in text
 
     # scancel --batch --signal=USR1 (what --signal=B:USR1@T does near the time limit): the batch shell forwards
     # it, the ranks stop, the script requeues the job, and the second run (restart 1) completes.
-    job, out = _submit(slurm_cluster, tmp_path, hold=120)
-    slurm_cluster.wait_until(lambda: _both_ranks_up(out), 90, "both ranks up")
+    job, out = _submit(slurm_cluster, tmp_path, hold=HOLD)
+    slurm_cluster.wait_until(lambda: _both_ranks_up(out), 300, "both ranks up")
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
-    slurm_cluster.wait_until(lambda: "requeueing job" in _read(out), 60, "the job to requeue itself")
-    slurm_cluster.wait_until(lambda: slurm_cluster.field(job, "Restarts") == "1", 30, "restart count 1")
+    slurm_cluster.wait_until(lambda: "requeueing job" in _read(out), 300, "the job to requeue itself")
+    slurm_cluster.wait_until(lambda: slurm_cluster.field(job, "Restarts") == "1", 120, "restart count 1")
     slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue delay
-    assert slurm_cluster.wait_done(job, 120) == "COMPLETED", _read(out)
+    assert slurm_cluster.wait_done(job, 300) == "COMPLETED", _read(out)
     text = _read(out)
     assert "SIGUSR1: asking the trainer to save and stop" in text and "RANK 1 stopping on signal [10]" in text
     assert f"job {job} restart 1:" in text and text.count("trainer exited with 0") == 2, text

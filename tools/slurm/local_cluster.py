@@ -20,23 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_mmpl.parallel.ports import free_ports
+
 REQUIRED = ("slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scancel")
 
 
 def missing_binaries() -> list[str]:
     return [b for b in REQUIRED if shutil.which(b) is None]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _slurm_conf(root: Path, nodes: int, cpus: int, ctld_port: int, node_ports: list[int]) -> str:
@@ -92,7 +82,7 @@ def up(root: str | Path, nodes: int = 2, cpus: int = 2, timeout: float = 60.0) -
     root = Path(root).resolve()
     for sub in ("state", "log", *(f"spool/node{i}" for i in range(1, nodes + 1))):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    ctld_port, *node_ports = _free_ports(nodes + 1)
+    ctld_port, *node_ports = free_ports(nodes + 1)
     conf = root / "slurm.conf"
     conf.write_text(_slurm_conf(root, nodes, cpus, ctld_port, node_ports))
     env = {**os.environ, "SLURM_CONF": str(conf)}

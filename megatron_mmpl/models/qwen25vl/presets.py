@@ -12,6 +12,8 @@ The ViT is the same architecture in every size, but its MLP width is not: 3420 i
 from __future__ import annotations
 
 import copy
+import json
+import os
 
 # Special token ids of the released tokenizer (Qwen2.5).
 _TOKENS = dict(
@@ -87,7 +89,21 @@ def preset_dict(name: str) -> dict:
 
 
 def hf_config_from_preset(name: str, **overrides):
-    """A transformers `Qwen2_5_VLConfig` for a preset; `overrides` replace top-level config.json fields."""
+    """A transformers `Qwen2_5_VLConfig` for a preset (or a config.json path); `overrides` replace top-level
+    config.json fields."""
     from transformers import Qwen2_5_VLConfig
 
-    return Qwen2_5_VLConfig(**{**preset_dict(name), **overrides})
+    return Qwen2_5_VLConfig(**{**load_hf_dict(name), **overrides})
+
+
+def load_hf_dict(spec: str) -> dict:
+    """The one resolver of `model.hf_config`: a preset name (a deep copy of its dict), a config.json, or the
+    directory holding one."""
+    if spec in PRESETS:
+        return preset_dict(spec)
+    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        raise ValueError(f"model.hf_config={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
+                         "config.json / directory holding one")
+    with open(path) as f:
+        return json.load(f)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
@@ -18,15 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-
-class RMSNorm(torch.nn.RMSNorm):
-    """torch RMSNorm with megatron's norm constructor. Under sequence parallelism its weight is marked
-    `sequence_parallel`, so megatron's finalize_model_grads sums its gradient over TP (as apex/TE norms do;
-    megatron's own torch-norm wrapper refuses sequence parallelism)."""
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
-        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
-        self.weight.sequence_parallel = bool(config.sequence_parallel)
+from megatron_mmpl.compat.specs import RMSNorm, gpt_layer_spec, with_core_attention
 
 
 @dataclass
@@ -68,7 +60,6 @@ def _with_norms(spec: ModuleSpec) -> ModuleSpec:
 
 def language_layer_spec(backend: str | None = None) -> ModuleSpec:
     """The LM decoder layer: megatron local spec (RMSNorm, GQA with qkv bias, SwiGLU) + CoreAttention."""
-    from megatron_mmpl.attention.specs import gpt_layer_spec
 
     return _with_norms(gpt_layer_spec(normalization="RMSNorm", backend=backend))
 
@@ -82,9 +73,7 @@ def block_spec(layer_spec: ModuleSpec, config, vp_stage: int | None = None) -> T
 
 def vision_layer_spec(full_attention_layers, backend: str | None = None) -> ModuleSpec:
     """The ViT block: same local pieces, bidirectional CoreAttention, window/full chosen per layer."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_mmpl.attention.specs import with_core_attention
 
     spec = _with_norms(with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), backend))
     spec.module = VisionTransformerLayer

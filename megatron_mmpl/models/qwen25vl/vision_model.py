@@ -11,7 +11,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from torch.utils.checkpoint import checkpoint
 
 from megatron_mmpl.attention.segments import permute_rows, to_device
-from megatron_mmpl.models.qwen25vl.configs import VisionDims
+from megatron_mmpl.models.qwen25vl.spec import VisionSpec
 from megatron_mmpl.models.qwen25vl.specs import (
     VisionSegments,
     block_spec,
@@ -37,7 +37,7 @@ class Qwen25VisionModel(MegatronModule):
     recompute: bool = False
     chunk_patches: int = 32768
 
-    def __init__(self, config, projector_config, dims: VisionDims, layer_spec):
+    def __init__(self, config, projector_config, dims: VisionSpec, layer_spec):
         super().__init__(config=config)
         self.dims = dims
         k = (dims.temporal_patch_size, dims.patch_size, dims.patch_size)

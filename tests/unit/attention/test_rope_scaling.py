@@ -11,7 +11,8 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import Multimod
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding, apply_rotary_pos_emb
 
-from megatron_mmpl.attention.rope_scaling import apply_inv_freq, mrope_inv_freq, set_rope_softmax_scale
+from megatron_mmpl.attention.rope_scaling import mrope_inv_freq
+from megatron_mmpl.compat.rope import apply_inv_freq, set_rope_softmax_scale
 
 pytestmark = pytest.mark.unit
 

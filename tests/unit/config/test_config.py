@@ -17,7 +17,8 @@ from megatron_mmpl.config import (
     validate_layout,
     warmup_steps,
 )
-from megatron_mmpl.config.hf_config import mrope_section, preset_names, resolve_hf_config, text_rope_theta
+from megatron_mmpl.config.hf_config import preset_names, resolve_hf_config
+from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 
 pytestmark = pytest.mark.unit
 
@@ -74,10 +75,11 @@ def test_presets_resolve_to_qwen_shapes():
     hf = resolve_hf_config(load_config(None, ["model.hf_config=qwen25vl-7b"]).model)
     t = hf.get_text_config()
     assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == (3584, 28, 28, 4)
-    assert mrope_section(hf) == [16, 24, 24] and text_rope_theta(hf) == 1e6
+    m = ModelSpec.from_hf(hf)
+    assert m.mrope_section == (16, 24, 24) and m.rope_theta == 1e6
     assert hf.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
     hf3 = resolve_hf_config(load_config(None, ["model.hf_config=qwen25vl-3b", "model.rope_theta=5e6"]).model)
-    assert hf3.tie_word_embeddings and text_rope_theta(hf3) == 5e6
+    assert hf3.tie_word_embeddings and ModelSpec.from_hf(hf3).rope_theta == 5e6
 
 
 @pytest.mark.parametrize(

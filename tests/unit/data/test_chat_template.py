@@ -13,13 +13,14 @@ from megatron_mmpl.data.tokenizer import (
     build_tiny_tokenizer,
     special_ids,
 )
+from tests.requires import require_module
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
 def qwen2():
-    pytest.importorskip("dashscope", reason="Qwen's BPE ranks ship in the dashscope package ([dev] extra)")
+    require_module("dashscope", "Qwen's BPE ranks ship in the dashscope package ([dev] extra)")
     return build_qwen2_tokenizer()
 
 
@@ -103,10 +104,11 @@ def test_generation_prompt_equal(tiny):
 
 def test_qwen2_tokenizer_matches_tiktoken_and_real_ids(qwen2):
     import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
 
-    from megatron_mmpl.data.tokenizer import qwen_tiktoken_path, read_tiktoken
+    from megatron_mmpl.data.tokenizer import qwen_tiktoken_path
 
-    ranks = read_tiktoken(qwen_tiktoken_path())
+    ranks = load_tiktoken_bpe(str(qwen_tiktoken_path()))
     pat = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
            r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
     enc = tiktoken.Encoding("qwen", pat_str=pat, mergeable_ranks=ranks, special_tokens={})

@@ -1,0 +1,1 @@
+"""What lands on disk: atomic files and directories (atomic.py), the checkpoint directory layout (checkpoint_dir.py)."""

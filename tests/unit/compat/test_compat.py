@@ -1,0 +1,43 @@
+"""The megatron overrides are tied to the pinned megatron-core: another version fails loudly with the fix; the CPU
+runtime is installed only while process groups exist (and only without CUDA) and is fully undone at destroy."""
+
+import pytest
+
+from megatron_mmpl.compat import MEGATRON_CORE_VERSION, check_megatron_version
+from megatron_mmpl.parallel.spawn import run_distributed
+
+pytestmark = pytest.mark.unit
+
+
+def test_other_megatron_versions_are_refused():
+    check_megatron_version()  # the installed one is the pinned one
+    check_megatron_version(MEGATRON_CORE_VERSION)
+    with pytest.raises(RuntimeError, match=r"megatron-core 0\.17\.0 is installed.*pip install megatron-core==0\.16\.1"):
+        check_megatron_version("0.17.0")
+
+
+def _runtime_lifecycle():
+    import torch
+
+    from megatron_mmpl.compat.cpu_runtime import cpu_runtime_active
+    from megatron_mmpl.parallel.process_groups import destroy_parallel, initialize_parallel
+
+    original = torch.cuda.current_device
+    before = cpu_runtime_active()
+    initialize_parallel()
+    during = (cpu_runtime_active(), torch.cuda.current_device(), torch.zeros(1, device="cuda").device.type)
+    destroy_parallel()
+    after = cpu_runtime_active(), torch.cuda.current_device is original
+    try:
+        torch.zeros(1, device="cuda")
+        cuda_factory_after = "cpu"
+    except (RuntimeError, AssertionError):  # torch without CUDA refuses a CUDA tensor again
+        cuda_factory_after = "refused"
+    initialize_parallel()  # and can be set up again
+    again = cpu_runtime_active()
+    return before, during, after, cuda_factory_after, again
+
+
+def test_cpu_runtime_lives_as_long_as_the_process_groups():
+    (result,) = run_distributed(_runtime_lifecycle, 1, device="cpu")
+    assert result == (False, (True, "cpu", "cpu"), (False, True), "refused", True)
