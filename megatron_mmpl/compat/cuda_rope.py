@@ -5,14 +5,14 @@ megatron-core 0.16.1 `apply_rotary_pos_emb` (models/common/embeddings/rope_utils
 `TransformerConfig.__post_init__` refuses the flag while that global is None (it is TE's kernel). Its unfused
 path runs ~8 elementwise kernels per call and keeps cos/sin per call for the backward. We fill the slot with the
 same formula compiled by torch.compile: one fused kernel forward and backward, keeping only the shared position
-table. Written for megatron-core 0.16.1; `install()` refuses another version.
+table. Written for megatron-core 0.16.1 (the package's version check, compat/__init__.py, guards it).
 """
 
 from __future__ import annotations
 
 import torch
+from megatron.core.models.common.embeddings import rope_utils
 
-MEGATRON_VERSION = "0.16.1"
 _COMPILED = {}
 
 
@@ -37,15 +37,7 @@ def fused_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, interleaved
 
 def install() -> None:
     """Put the kernel into megatron's fused-RoPE slot (idempotent; CUDA only; TE's kernel, if present, stays)."""
-    from importlib.metadata import version
-
-    from megatron.core.models.common.embeddings import rope_utils
-
     if not torch.cuda.is_available():
         raise RuntimeError("the compiled RoPE kernel is for CUDA; on CPU keep apply_rope_fusion=False")
-    found = version("megatron-core")
-    if found != MEGATRON_VERSION:
-        raise RuntimeError(f"megatron_mmpl.compat.cuda_rope was written for megatron-core {MEGATRON_VERSION}, "
-                           f"found {found}: check rope_utils.apply_rotary_pos_emb, then update MEGATRON_VERSION")
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = fused_apply_rotary_pos_emb

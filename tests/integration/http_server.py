@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mmpl.parallel.spawn import _free_port
+from megatron_mmpl.parallel.ports import free_port
 
 CONF = """daemon off;
 master_process off;
@@ -57,7 +57,7 @@ def nginx(root: Path, workdir: Path):
     binary = need("nginx")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "tmp").mkdir(exist_ok=True)
-    port = _free_port()
+    port = free_port()
     conf = workdir / "nginx.conf"
     conf.write_text(CONF.format(prefix=workdir, port=port, root=Path(root).resolve()))
     proc = subprocess.Popen([binary, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
@@ -75,7 +75,7 @@ def python_http_server(root: Path):
     """Python's http.server (no Range support) serving `root`: the server a user must not rely on."""
     import sys
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
                              str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -11,10 +11,11 @@ from megatron_mmpl.data.tokenizer import build_tiny_tokenizer
 
 from ..unit.data.shardsets import make_needle_shards
 from ..unit.data.test_loader import _opts, _same, _take
+from ..requires import require_module
 from .http_server import nginx, python_http_server
 
 pytestmark = pytest.mark.integration
-pytest.importorskip("aiohttp")  # fsspec's HTTP backend: the `http` extra
+require_module("aiohttp", "fsspec's HTTP backend is missing: pip install 'megatron_mmpl[http]'")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 runtime is installed only while process groups exist (and only without CUDA) and is fully undone at destroy."""
 
 import pytest
+import torch
 
 from megatron_mmpl.compat import MEGATRON_CORE_VERSION, check_megatron_version
 from megatron_mmpl.parallel.spawn import run_distributed
@@ -41,3 +42,16 @@ def _runtime_lifecycle():
 def test_cpu_runtime_lives_as_long_as_the_process_groups():
     (result,) = run_distributed(_runtime_lifecycle, 1, device="cpu")
     assert result == (False, (True, "cpu", "cpu"), (False, True), "refused", True)
+
+
+def test_compiled_rope_formula_is_megatrons():
+    """compat/cuda_rope.py's formula (compiled on CUDA) equals megatron's unfused bshd RoPE (eager, CPU fp32)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from megatron_mmpl.compat.cuda_rope import _rope
+
+    g = torch.Generator().manual_seed(0)
+    t, freqs = torch.randn(7, 1, 3, 16, generator=g), torch.randn(7, 1, 1, 16, generator=g)
+    assert torch.equal(_rope(t, freqs), _apply_rotary_pos_emb_bshd(t, freqs))
+    part = torch.randn(7, 1, 1, 8, generator=g)  # rotary dim below the head dim: the rest passes through
+    assert torch.equal(_rope(t, part), _apply_rotary_pos_emb_bshd(t, part))
