@@ -9,9 +9,9 @@ from megatron_mmpl.data.schema import Sample
 from megatron_mmpl.data.shards import load_index, load_shard_samples, read_members
 from megatron_mmpl.data.tokenizer import build_tiny_tokenizer
 
+from ..requires import require_module
 from ..unit.data.shardsets import make_needle_shards
 from ..unit.data.test_loader import _opts, _same, _take
-from ..requires import require_module
 from .http_server import nginx, python_http_server
 
 pytestmark = pytest.mark.integration
