@@ -8,6 +8,7 @@ The manifest format is in data/manifest.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -25,7 +26,9 @@ from megatron_mmpl.data.length import count_tokens, crop_rows
 from megatron_mmpl.data.manifest import BadInput, Document, PageReader, Problems, read_manifest_lines, scan_line
 from megatron_mmpl.data.page_codec import PageCodec
 from megatron_mmpl.data.schema import Sample
+from megatron_mmpl.data.shards import DEFAULT_BUCKET_EDGES, ShardWriter
 from megatron_mmpl.data.synth import NAMES, PageRenderer
+from megatron_mmpl.data.tokenizer import special_ids, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 OCR_QUESTION = "Transcribe the text of page {page} exactly."
@@ -189,8 +192,6 @@ def write_build(manifest, out, *, targets: list[int], tokenizer, tokenizer_name:
     """Build every (QA item × target) sample of the manifest into shards under `out`; returns the index."""
     from tqdm import tqdm
 
-    from megatron_mmpl.data.shards import DEFAULT_BUCKET_EDGES, ShardWriter
-    from megatron_mmpl.data.tokenizer import special_ids, tokenizer_fingerprint
 
     if max_seq_len is not None and max(targets) > max_seq_len:
         raise ValueError(f"target length {max(targets)} > max_seq_len={max_seq_len}: such samples could never be "
@@ -269,7 +270,6 @@ def write_build(manifest, out, *, targets: list[int], tokenizer, tokenizer_name:
 
 
 def _sha(path) -> str:
-    import hashlib
 
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 

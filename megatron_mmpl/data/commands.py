@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from megatron_mmpl.data.shards import parse_length
@@ -105,12 +106,11 @@ def _synth(args) -> int:
 
 
 def _build(args) -> int:
-    import sys
 
     from megatron_mmpl.data.build import write_build
     from megatron_mmpl.data.inspect import inspect
     from megatron_mmpl.data.page_codec import parse_quality
-    from megatron_mmpl.data.shards import parse_length
+    from megatron_mmpl.data.shards import parse_length  # lazy: CLI start-up
 
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers}: use 1 or more processes")

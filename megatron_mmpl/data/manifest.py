@@ -160,6 +160,14 @@ def _pdfium():
     return pdfium
 
 
+def pdf_page_count(path: str) -> int:
+    doc = _pdfium().PdfDocument(path)
+    try:
+        return len(doc)
+    finally:
+        doc.close()
+
+
 def render_pdf_page(path: str, page_no: int, dpi: int = PDF_DPI) -> Image.Image:
     """Page `page_no` (0-based) of a PDF at `dpi`, RGB."""
     pdf = _pdfium().PdfDocument(path)

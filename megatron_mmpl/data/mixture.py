@@ -17,6 +17,7 @@ import numpy as np
 
 from megatron_mmpl.data.schema import TASK_FAMILIES
 from megatron_mmpl.data.shards import bucket_name, load_all_shard_samples, parse_length
+from megatron_mmpl.data.storage import join
 
 log = logging.getLogger(__name__)
 BLOCK = 4096  # draws per RNG block
@@ -53,7 +54,6 @@ class PoolSet:
     @classmethod
     def from_index(cls, root: str, index: dict, storage_options: dict | None = None) -> PoolSet:
         """The pools of a shard directory (path or URL); shard_paths are full locations."""
-        from megatron_mmpl.data.storage import join
 
         by: dict[tuple[str, str], list] = {}
         paths = []

@@ -8,6 +8,7 @@ resume without replaying a stream).
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from megatron_mmpl.data.schema import Sample
+from megatron_mmpl.data.storage import join, read_bytes, read_many
 from megatron_mmpl.storage.atomic import atomic_write, replace_directory
 
 K = 1024
@@ -87,7 +89,6 @@ class ShardWriter:
             atomic_write(self.tmp / "params.json", json.dumps(params, indent=1))
 
     def _lock(self) -> None:
-        import fcntl
 
         self._lock_file = open(self.tmp / ".lock", "w")
         try:
@@ -211,7 +212,6 @@ def build_index(shards: list[dict], edges, info: dict) -> dict:
 
 def load_index(root: str | os.PathLike, storage_options: dict | None = None) -> dict:
     """index.json of a shard directory (a path or a URL)."""
-    from megatron_mmpl.data.storage import join, read_bytes
 
     path = join(root, "index.json")
     try:
@@ -232,7 +232,6 @@ def load_shard_samples(root: str | os.PathLike, shard: dict) -> list[list]:
 def load_all_shard_samples(root: str | os.PathLike, shards: list[dict],
                            storage_options: dict | None = None) -> list[list[list]]:
     """The offset index of every shard (fetched concurrently from a URL)."""
-    from megatron_mmpl.data.storage import join, read_many
 
     return [json.loads(b)["samples"] for b in read_many([join(root, sh["index"]) for sh in shards], storage_options)]
 

@@ -20,7 +20,7 @@ def join(root: str | os.PathLike, rel: str) -> str:
 
 
 def _fs(url: str, storage_options: dict | None):
-    import fsspec
+    import fsspec  # lazy: only shard directories at URLs need fsspec and its backends
 
     try:
         return fsspec.core.url_to_fs(url, **(storage_options or {}))

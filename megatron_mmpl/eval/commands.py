@@ -66,7 +66,7 @@ def register(subparsers) -> None:
 
 def _common(args) -> dict:
     from megatron_mmpl.eval.generate import rope_scaling_arg
-    from megatron_mmpl.eval.needle import parse_lengths
+    from megatron_mmpl.eval.needle import parse_lengths  # lazy: CLI start-up
 
     max_len = None
     if args.max_len is not None:
@@ -89,8 +89,12 @@ def _write(result: dict, path: str | None) -> None:
 
 
 def _needle(args) -> int:
-    from megatron_mmpl.eval.needle import evaluate_needle, parse_depths, parse_lengths
-    from megatron_mmpl.eval.plots import heatmap
+    from megatron_mmpl.eval.needle import (  # lazy: CLI start-up
+        evaluate_needle,
+        parse_depths,
+        parse_lengths,
+    )
+    from megatron_mmpl.eval.plots import heatmap  # lazy: CLI start-up
 
     common = _common(args)
     if args.json:
@@ -116,7 +120,7 @@ def _needle(args) -> int:
 
 
 def _docvqa(args) -> int:
-    from megatron_mmpl.eval.docvqa import evaluate_docvqa
+    from megatron_mmpl.eval.docvqa import evaluate_docvqa  # lazy: CLI start-up
 
     common = _common(args)
     if args.json:
@@ -136,7 +140,10 @@ def _docvqa(args) -> int:
 
 
 def _report(args) -> int:
-    from megatron_mmpl.eval.report import report, write_report
+    from megatron_mmpl.eval.report import (  # lazy: CLI start-up
+        report,
+        write_report,
+    )
 
     if len(args.run) == 1 and args.out is None:
         print(report(args.run[0], args.png))

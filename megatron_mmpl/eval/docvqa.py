@@ -4,7 +4,9 @@ reported overall, by answer format, by task family and by the prompt's actual to
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+from megatron_mmpl.data.shards import load_index
 from megatron_mmpl.eval import metrics
 
 SCORING = ("rule-based, no judge model: answer = first line after any 'Answer:'; Int/Float by number (Float within "
@@ -56,7 +58,6 @@ def evaluate_docvqa(model_dir: str, data: str, *, documents: str | None = None, 
     items = load_items(data, documents, image_root, limit)
     index = None
     if kind == "shards":
-        from megatron_mmpl.data.shards import load_index
 
         index = load_index(data)
     tokenizer, improc = load_processing(model_dir, index)
@@ -88,7 +89,6 @@ def with_page_cap(improc, max_page_tokens: int | None):
     """The image processor with at most `max_page_tokens` LM tokens per page (None: unchanged)."""
     if max_page_tokens is None:
         return improc
-    from dataclasses import replace
 
     from megatron_mmpl.data.images import ImageProcessor
 

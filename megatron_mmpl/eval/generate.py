@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from megatron_mmpl.data.images import ImageProcessor, ImageProcessorConfig
+from megatron_mmpl.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
 from megatron_mmpl.eval.prompts import Prompt, build_prompt, collate, plan_batches, prompt_length
 
 
@@ -64,8 +66,6 @@ def load_processing(model_dir: str, shards_index: dict | None = None):
     the checkpoint's tokenizer counts tokens differently."""
     from transformers import AutoTokenizer
 
-    from megatron_mmpl.data.images import ImageProcessor, ImageProcessorConfig
-    from megatron_mmpl.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     has_tok = any(os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "vocab.json"))
     if shards_index is not None:
@@ -121,7 +121,6 @@ def generate_all(model, items, tokenizer, improc, *, max_new_tokens: int, max_le
                  batch_size: int = 1, batch_tokens: int | None = None, progress: bool = True, skipped=None):
     """Yield a `Generated` per item that fits (in batches of similar length); items that do not fit in max_len
     are appended to `skipped`."""
-    from megatron_mmpl.data.tokenizer import special_ids
 
     ids = special_ids(tokenizer)
     eos, pad = [ids.im_end, ids.endoftext], ids.endoftext

@@ -8,8 +8,10 @@ after cleaning); first-token accuracy and, for the visual needle, accuracy among
 
 from __future__ import annotations
 
+import json
 import re
 
+from megatron_mmpl.data.shards import load_index
 from megatron_mmpl.eval import metrics
 
 KINDS = ("visual", "text")
@@ -138,7 +140,6 @@ def evaluate_needle(model_dir: str, *, shards: str | None = None, lengths: list[
                     batch_size: int = 8, device: str = "auto", limit: int | None = None, progress: bool = True,
                     predictions: str | None = None) -> dict:
     """Needle accuracy of the HF model in `model_dir` on shards or a generated length × depth grid."""
-    import json
 
     from megatron_mmpl.eval.generate import generate_all, load_model, load_processing, pick_device
     from megatron_mmpl.eval.sources import iter_samples, sample_item
@@ -151,7 +152,6 @@ def evaluate_needle(model_dir: str, *, shards: str | None = None, lengths: list[
                          "the longer lengths")
     index = None
     if shards is not None:
-        from megatron_mmpl.data.shards import load_index
 
         index = load_index(shards)
     tokenizer, improc = load_processing(model_dir, index)

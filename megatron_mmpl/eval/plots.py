@@ -3,6 +3,8 @@ Each returns False when matplotlib is missing (the `dev` extra has it)."""
 
 from __future__ import annotations
 
+from megatron_mmpl.eval.docvqa import fmt_tokens
+
 
 def pyplot():
     try:
@@ -16,7 +18,6 @@ def pyplot():
 
 
 def _tok(n: int) -> str:
-    from megatron_mmpl.eval.docvqa import fmt_tokens
 
     return fmt_tokens(int(n))
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from megatron_mmpl.data.schema import document_messages
+from megatron_mmpl.data.manifest import PDF_DPI, pdf_page_count, render_pdf_page
+from megatron_mmpl.data.schema import Sample, document_messages, task_family
+from megatron_mmpl.data.shards import load_index, load_shard_samples, read_members
 from megatron_mmpl.eval.metrics import NOT_ANSWERABLE, answer_format, infer_format
 
 # The instruction after a public benchmark's question (our shards carry the question the model was trained on).
@@ -75,8 +77,6 @@ def load_items(data: str, documents: str | None = None, image_root: str | None =
 
 def iter_samples(shards: str, limit: int | None = None):
     """The Samples of a shard directory, in index order."""
-    from megatron_mmpl.data.schema import Sample
-    from megatron_mmpl.data.shards import load_index, load_shard_samples, read_members
 
     index = load_index(shards)
     n = 0
@@ -96,7 +96,6 @@ def _text(content) -> str:
 
 def sample_item(sample) -> DocItem:
     """A built Sample (shards, needle grids): its question turns as the prompt, its last turn as the answer."""
-    from megatron_mmpl.data.schema import task_family
 
     *question, answer_msg = sample.messages
     if answer_msg["role"] != "assistant":
@@ -121,14 +120,11 @@ def _literal(value, what: str):
 @functools.lru_cache(maxsize=2)
 def _pdf_pages(path: str) -> tuple[Image.Image, ...]:
     """Every page of a PDF rendered at 144 dpi (cached: consecutive questions often share a document)."""
-    from megatron_mmpl.data.build import _pdf_len, render_pdf_page
-
-    return tuple(render_pdf_page(path, i) for i in range(_pdf_len(path)))
+    return tuple(render_pdf_page(path, i) for i in range(pdf_page_count(path)))
 
 
 @functools.lru_cache(maxsize=64)
 def _pdf_sizes(path: str) -> tuple[tuple[int, int], ...]:
-    from megatron_mmpl.data.build import PDF_DPI
 
     try:
         import pypdfium2 as pdfium

@@ -11,6 +11,7 @@ logits, which exist for one chunk of `LanguageModel.loss_chunk_tokens` positions
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -256,7 +257,6 @@ def recompute_candidates(cfg: Config, m: ModelSpec) -> list[dict]:
 def choose_recompute(cfg: Config, hw: Hardware, m: ModelSpec) -> tuple[Config, str]:
     """For model.recompute=auto: the config with the fastest LM recompute setting whose plan fits (else the
     leanest), and a line saying what was chosen."""
-    import copy
 
     chosen = None
     vit_modes = [cfg.model.vit_recompute] + (["chunked"] if cfg.model.vit_recompute == "full" else [])

@@ -16,11 +16,14 @@ def transformer_overrides(cfg: Config) -> tuple[dict, dict, dict]:
     if cfg.parallel.pp > 1:
         common.update(variable_length_pipeline())
     m, lm = cfg.model, {}
-    if m.recompute == "auto":
-        raise ValueError("model.recompute=auto must be resolved before the model is built (training/memory.py)")
-    if m.recompute == "selective":
+    recompute = m.recompute
+    if recompute == "auto":  # train() resolves it through the planner first (training/memory.py)
+        if torch.cuda.is_available():
+            raise ValueError("model.recompute=auto must be resolved before the model is built (training/memory.py)")
+        recompute = "none"  # on CPU auto means no recompute, as in train()
+    if recompute == "selective":
         lm.update(recompute_granularity="selective", recompute_modules=["core_attn"])
-    elif m.recompute == "full":
+    elif recompute == "full":
         lm.update(recompute_granularity="full", recompute_method=m.recompute_method,
                   recompute_num_layers=m.recompute_num_layers)
     vit = {}

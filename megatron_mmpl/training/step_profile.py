@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 PHASES = ("vit_fwd", "lm_fwd", "lm_bwd", "vit_bwd", "optimizer")
 
@@ -69,7 +70,6 @@ class PhaseTimer:
 
 def start_profiler(run_dir: str):
     """A torch.profiler session (CPU + CUDA activity, shapes) that `stop_profiler` writes out."""
-    from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=acts, record_shapes=False, with_stack=False)

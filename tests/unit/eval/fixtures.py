@@ -13,7 +13,7 @@ TOKENS = dict(image_token_id=492, video_token_id=493, vision_start_token_id=489,
 def write_tiny_export(out: Path, seed: int = 0, text_config: dict | None = None) -> Path:
     """A random tiny Qwen2.5-VL (vocab 512) saved like `mmpl convert mcore-to-hf` saves one."""
     from megatron_mmpl.config.hf_config import apply_overrides
-    from megatron_mmpl.conversion.processor_files import write_processor_files
+    from megatron_mmpl.data.processor_files import write_processor_files
     from megatron_mmpl.models.qwen25vl.presets import preset_dict
     from megatron_mmpl.models.qwen25vl.testing import tiny_hf_model
 

@@ -212,7 +212,7 @@ def test_auto_recompute_picks_the_least_that_fits():
                          *(f"model.{k}={v}" for k, v in settings.items()))
             assert not plan_config(trial, hw).fits
     assert seen[4096][0] == "none"
-    assert seen[32768] == ("full", "block", "full")
+    assert seen[32768] == ("full", "block", "chunked")  # the ViT's default
     assert seen[131072][2] == "chunked"
 def test_every_row_length_the_planner_accepts_the_loader_and_cp_split_accept():
     """One padding multiple (ParallelConfig.pad_multiple) for planner, loader and CP split: whenever the planner
