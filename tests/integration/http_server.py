@@ -62,12 +62,8 @@ def nginx(root: Path, workdir: Path):
     conf.write_text(CONF.format(prefix=workdir, port=port, root=Path(root).resolve()))
     proc = subprocess.Popen([binary, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _wait_port(port, proc, "nginx")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with _serving(proc, port, "nginx") as url:
+        yield url
 
 
 @contextlib.contextmanager
@@ -78,8 +74,15 @@ def python_http_server(root: Path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
                              str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with _serving(proc, port, "http.server") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(proc: subprocess.Popen, port: int, what: str):
+    """The server's base URL once it listens; the process is stopped on exit."""
     try:
-        _wait_port(port, proc, "http.server")
+        _wait_port(port, proc, what)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
