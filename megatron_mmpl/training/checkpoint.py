@@ -198,6 +198,7 @@ def _read_checkpoint(path: str, model, optimizer) -> dict:
     collective load on some ranks only can still hang the others: manifests catch such damage before loading.)"""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: named on its own
 
     verify_checkpoint(path)
     reason, out = None, {}
@@ -209,7 +210,7 @@ def _read_checkpoint(path: str, model, optimizer) -> dict:
     }
     try:
         out["dist"] = dist_checkpointing.load(sharded, path)
-    except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint makes it unusable, said in one line
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure to read it makes it unusable
         reason = f"corrupt checkpoint: {path} does not load ({_one_line(e)})"
     state_dir = os.path.join(path, STATE_DIR)
     files = {"rng": os.path.join(state_dir, f"rng_{_layout_tag()}_r{_rank()}.pt"),
@@ -227,9 +228,13 @@ def _read_checkpoint(path: str, model, optimizer) -> dict:
     return out
 
 
-def _one_line(e: Exception) -> str:
+def _one_line(e: BaseException) -> str:
+    """`Type: first line` of an error; for torch DCP's CheckpointException, of the first rank's own error."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))[0]
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def _apply(loaded: dict, path: str, model, optimizer, scheduler, strict: bool) -> tuple[TrainState, dict | None]:
