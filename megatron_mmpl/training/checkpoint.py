@@ -43,6 +43,8 @@ from megatron_mmpl.storage.integrity import (
 )
 
 log = logging.getLogger(__name__)
+# Files of every torch_dist checkpoint, checked by name before a checkpoint without manifest is loaded.
+DIST_FILES = ("metadata.json", ".metadata", "common.pt")
 
 # Megatron's DistributedOptimizer format that reshards across TP/PP (and DP) on load.
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -208,10 +210,14 @@ def _read_checkpoint(path: str, model, optimizer) -> dict:
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_SHARDING),
     }
-    try:
-        out["dist"] = dist_checkpointing.load(sharded, path)
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure to read it makes it unusable
-        reason = f"corrupt checkpoint: {path} does not load ({_one_line(e)})"
+    absent = [f for f in DIST_FILES if not os.path.isfile(os.path.join(path, f))]  # megatron's errors name none
+    if absent:
+        reason = f"corrupt checkpoint: {os.path.join(path, absent[0])} is missing"
+    else:
+        try:
+            out["dist"] = dist_checkpointing.load(sharded, path)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure to read it makes it unusable
+            reason = f"corrupt checkpoint: {path} does not load ({_one_line(e)})"
     state_dir = os.path.join(path, STATE_DIR)
     files = {"rng": os.path.join(state_dir, f"rng_{_layout_tag()}_r{_rank()}.pt"),
              "data": os.path.join(state_dir, f"data_dp{ps.get_data_parallel_rank()}.pt")}

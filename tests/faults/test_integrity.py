@@ -157,7 +157,7 @@ FILE_IN_REASON = {"flip_distcp": ("__0_0.distcp", "sha256"), "truncate_distcp": 
                   "delete_distcp": ("__0_0.distcp", "missing"), "garble_metadata": (".metadata", "sha256"),
                   "delete_common": ("common.pt", "missing"), "garble_rng": ("rng_tp1pp1cp1dp1_r0.pt", "sha256"),
                   "old_truncate_distcp": (LATEST, "does not load"), "old_garble_metadata": (LATEST, "does not load"),
-                  "old_delete_common": (LATEST, "does not load"),
+                  "old_delete_common": ("common.pt", "missing"),
                   "old_garble_rng": ("rng_tp1pp1cp1dp1_r0.pt", "does not load")}
 
 
