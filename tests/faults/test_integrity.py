@@ -207,3 +207,90 @@ def test_all_checkpoints_corrupt_is_one_error_after_a_warning_each(results):
     line = _error_line(r)
     assert "no usable checkpoint" in line, line
     assert len([w for w in r["warnings"] if w.startswith("corrupt checkpoint:")]) == 2, r["warnings"]
+
+
+def _convert(*args: str) -> dict:
+    """`mmpl convert ...` in this process; its exit code and stderr lines."""
+    from megatron_mmpl.cli import main
+
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        rc = main(["convert", *args])
+    return {"rc": rc, "err": [ln for ln in err.getvalue().splitlines() if ln.strip()]}
+
+
+def convert_cases(tmp: str, hf: str, run_ckpts: str) -> dict:
+    """In a rank: hf-to-mcore of damaged HF dirs; mcore-to-hf of a good, a corrupt and a tokenizer-less one."""
+    out = {}
+    for case, damage in (("truncated_safetensors", lambda d: _truncate(os.path.join(d, "model.safetensors"))),
+                         ("garbled_safetensors", lambda d: _flip(os.path.join(d, "model.safetensors"))),
+                         ("garbled_header", lambda d: _garble_header(os.path.join(d, "model.safetensors"))),
+                         ("bad_config", lambda d: open(os.path.join(d, "config.json"), "w").write("{bad"))):
+        src = os.path.join(tmp, case)
+        shutil.copytree(hf, src)
+        damage(src)
+        out[case] = _convert("hf-to-mcore", "--hf", src, "--out", os.path.join(tmp, f"{case}-mc"), "--dtype", "fp32")
+    mc = os.path.join(tmp, "mc")
+    out["import"] = _convert("hf-to-mcore", "--hf", hf, "--out", mc, "--dtype", "fp32")
+    out["no_tokenizer"] = _convert("mcore-to-hf", "--ckpt", mc, "--out", os.path.join(tmp, "o1"))
+    out["export"] = _convert("mcore-to-hf", "--ckpt", mc, "--out", os.path.join(tmp, "o2"), "--tokenizer", "none")
+    _flip(os.path.join(mc, "__0_0.distcp"))
+    out["corrupt_mc"] = _convert("mcore-to-hf", "--ckpt", mc, "--out", os.path.join(tmp, "o3"), "--tokenizer", "none")
+    run = os.path.join(tmp, "run-ckpts")
+    shutil.copytree(run_ckpts, run)
+    _garble(os.path.join(run, LATEST, ".metadata"))
+    out["corrupt_run"] = _convert("mcore-to-hf", "--ckpt", run, "--out", os.path.join(tmp, "o4"), "--tokenizer", "none")
+    out["outputs"] = sorted(os.listdir(tmp))
+    return out
+
+
+def _garble_header(path: str) -> None:
+    """Damage the JSON header of a safetensors file (the 8 bytes before it give its length)."""
+    data = bytearray(open(path, "rb").read())
+    data[9:40] = b"\x00" * 31
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def conversions(results, tmp_path_factory):
+    from megatron_mmpl.models.qwen25vl.testing import tiny_hf_model
+
+    tmp = tmp_path_factory.mktemp("convert")
+    tiny_hf_model("tiny", seed=0).save_pretrained(tmp / "hf")
+    (out,) = run_distributed(convert_cases, 1, str(tmp), str(tmp / "hf"),
+                             os.path.join(results["tmp"], "base", "checkpoints"))
+    out["tmp"] = str(tmp)
+    return out
+
+
+def _convert_error(r: dict) -> str:
+    errors = [ln for ln in r["err"] if ln.startswith("mmpl convert: error: ")]
+    assert r["rc"] == 2 and len(errors) == 1 and not any("Traceback" in ln for ln in r["err"]), r
+    return errors[0]
+
+
+@pytest.mark.parametrize("case, name", [("truncated_safetensors", "model.safetensors"),
+                                        ("garbled_header", "model.safetensors"), ("bad_config", "config.json")])
+def test_damaged_hf_checkpoint_is_one_line_naming_the_file(conversions, case, name):
+    line = _convert_error(conversions[case])
+    assert os.path.join(conversions["tmp"], case, name) in line and "re-download" in line, line
+    assert f"{case}-mc" not in conversions["outputs"]
+
+
+def test_flipped_bytes_in_safetensors_data_are_not_detectable(conversions):
+    """safetensors has no checksums: 64 flipped bytes inside the tensor data convert (documented in RELIABILITY)."""
+    assert conversions["garbled_safetensors"]["rc"] == 0, conversions["garbled_safetensors"]
+
+
+def test_export_without_tokenizer_lists_none_among_the_fixes(conversions):
+    line = _convert_error(conversions["no_tokenizer"])
+    assert "--tokenizer qwen2 | tiny | <hf dir> | none" in line, line
+
+
+def test_export_verifies_the_manifest_and_refuses_a_corrupt_checkpoint(conversions):
+    assert conversions["import"]["rc"] == 0 and conversions["export"]["rc"] == 0, conversions
+    line = _convert_error(conversions["corrupt_mc"])
+    assert "__0_0.distcp" in line and "sha256" in line and "refusing to export" in line, line
+    line = _convert_error(conversions["corrupt_run"])
+    assert f"{LATEST}/.metadata" in line and "refusing to export" in line, line
+    assert not {"o1", "o3", "o4"} & set(conversions["outputs"]), conversions["outputs"]
