@@ -70,8 +70,8 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config_path: str | None = None, 
     try:
         verify_checkpoint(str(ckpt))  # a checkpoint without manifest (older) is exported with a warning
     except CheckpointCorrupt as e:
-        raise CheckpointCorrupt(f"{e}; refusing to export it: pass --ckpt <run>/checkpoints/iter_N of an older "
-                                "checkpoint") from None
+        raise CheckpointCorrupt(f"{e}; refusing to export it: pass --ckpt of an intact one (an older "
+                                "<run>/checkpoints/iter_N, or a fresh `mmpl convert hf-to-mcore`)") from None
     hf_config, side_dir, run = model_source(ckpt, hf_config_path)
     tokenizer = tokenizer or run.get("data", {}).get("tokenizer")
     target = parse_dtype(dtype) if dtype else _dtype_of(hf_config)
