@@ -118,7 +118,9 @@ def verify_checkpoint(root: str) -> bool:
     except CheckpointCorrupt as e:
         manifest, reason = None, str(e)
     if manifest is None and reason is None:
-        log.warning("checkpoint %s has no %s (saved before checksums existed): it cannot be verified", root, MANIFEST)
+        if _world()[0] == 0:
+            log.warning("checkpoint %s has no %s (saved before checksums existed): it cannot be verified", root,
+                        MANIFEST)
         return False
     if reason is None:
         rank, world = _world()

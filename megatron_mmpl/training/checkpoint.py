@@ -165,13 +165,9 @@ def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, c
 
 def resume(root: str, model, optimizer, scheduler, on_corrupt: str = "fallback",
            strict: bool = False) -> tuple[TrainState, dict | None]:
-    """Restore model, optimizer, scheduler, counters and RNG from the newest usable checkpoint in `root`.
-
-    Newest first, each candidate is verified against its manifest (all ranks, each hashing its share) and read;
-    a failure on any rank makes it corrupt on all. on_corrupt="fallback": one warning line, then the next older
-    one; "fail": CheckpointCorrupt. Absent RNG/loader state: a warning, or CheckpointCorrupt when `strict`.
-    Returns the train state and this data-parallel rank's data-loader state (None if none was saved).
-    """
+    """Restore model, optimizer, scheduler, counters and RNG from the newest checkpoint in `root` that verifies
+    and loads on every rank (older ones are tried after one warning line each; on_corrupt="fail" raises instead).
+    Returns the train state and this data-parallel rank's data-loader state (None if none was saved)."""
     latest = latest_step(root)
     if latest is None:
         raise FileNotFoundError(f"no complete checkpoint in {root!r}")
