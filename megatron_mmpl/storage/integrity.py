@@ -108,6 +108,20 @@ def file_problem(root: str, rel: str, expected: dict) -> str | None:
     return None
 
 
+def files_problem(root: str, rels: list[str]) -> str | None:
+    """Why some of the files `rels` of checkpoint `root` do not match its manifest (one process; None: they match,
+    or there is no manifest to check them against)."""
+    try:
+        manifest = read_manifest(root)
+    except CheckpointCorrupt as e:
+        return str(e)
+    for rel in rels if manifest else ():
+        problem = file_problem(root, rel, manifest["files"][rel]) if rel in manifest["files"] else None
+        if problem:
+            return f"corrupt checkpoint: {problem}"
+    return None
+
+
 def verify_checkpoint(root: str) -> bool:
     """Check every file of checkpoint `root` against its manifest on all ranks together (each hashes its share;
     collective when torch.distributed is initialized). True: verified; False: no manifest (a warning is logged);

@@ -36,6 +36,7 @@ from megatron_mmpl.storage.checkpoint_dir import (  # noqa: F401 - the trainer r
 )
 from megatron_mmpl.storage.integrity import (
     CheckpointCorrupt,
+    files_problem,
     first_reason,
     hash_shared,
     verify_checkpoint,
@@ -106,6 +107,9 @@ def write_hf_side_files(out: str, hf, load_path: str | None, tokenizer_name: str
     hf.save_pretrained(out)
     source = os.path.join(load_path, HF_DIR) if load_path else None
     copied = [f for f in SIDE_FILES if source and os.path.isfile(os.path.join(source, f))]
+    bad = files_problem(load_path, [os.path.join(HF_DIR, f) for f in copied]) if copied else None
+    if bad:  # damaged files must not travel into new checkpoints; resume reports this checkpoint and falls back
+        copied = []
     for f in copied:
         shutil.copy2(os.path.join(source, f), os.path.join(out, f))
     if not copied and tokenizer_name:

@@ -69,6 +69,8 @@ def _damage(case: str, ckpts: str) -> None:
         os.remove(os.path.join(latest, "common.pt"))
     elif what == "garble_rng":
         _garble(_rng_file(latest))
+    elif what == "garble_tokenizer":
+        _garble(os.path.join(latest, "mmpl", "hf", "tokenizer.json"))
     elif what in ("no_state", "strict"):
         os.remove(_rng_file(latest))
         os.remove(os.path.join(latest, "mmpl", "data_dp0.pt"))
@@ -81,6 +83,7 @@ def _damage(case: str, ckpts: str) -> None:
 
 EXTRA = {"fail": ["checkpoint.on_corrupt=fail"], "old_strict": ["checkpoint.strict_resume=true"]}
 FALLBACK = ["flip_distcp", "truncate_distcp", "delete_distcp", "garble_metadata", "delete_common", "garble_rng",
+            "garble_tokenizer",
             "old_truncate_distcp", "old_garble_metadata", "old_delete_common", "old_garble_rng"]
 CASES = [*FALLBACK, "fail", "old_no_state", "old_strict", "all_corrupt"]
 
@@ -156,6 +159,7 @@ def _error_line(r: dict) -> str:
 FILE_IN_REASON = {"flip_distcp": ("__0_0.distcp", "sha256"), "truncate_distcp": ("__0_1.distcp", "bytes"),
                   "delete_distcp": ("__0_0.distcp", "missing"), "garble_metadata": (".metadata", "sha256"),
                   "delete_common": ("common.pt", "missing"), "garble_rng": ("rng_tp1pp1cp1dp1_r0.pt", "sha256"),
+                  "garble_tokenizer": ("tokenizer.json", "sha256"),
                   "old_truncate_distcp": (LATEST, "does not load"), "old_garble_metadata": (LATEST, "does not load"),
                   "old_delete_common": ("common.pt", "missing"),
                   "old_garble_rng": ("rng_tp1pp1cp1dp1_r0.pt", "does not load")}
@@ -182,6 +186,10 @@ def test_corrupt_latest_warns_once_and_resumes_exactly_from_the_older(results, c
         assert r["losses"][step] == results["base"]["losses"][step], (case, step)
     if case.startswith("old_"):
         assert any("cannot be verified" in w for w in r["warnings"]), r["warnings"]
+    # the new step-4 checkpoint holds none of the damage: its tokenizer is the base run's
+    tokenizer = os.path.join("checkpoints", LATEST, "mmpl", "hf", "tokenizer.json")
+    assert open(os.path.join(ckpts, "..", tokenizer), "rb").read() == \
+        open(os.path.join(results["tmp"], "base", tokenizer), "rb").read()
 
 
 def test_on_corrupt_fail_stops_with_one_line_naming_the_file(results):

@@ -109,3 +109,12 @@ def test_two_ranks_share_the_hashing_and_agree_on_the_reason(tmp_path):
     assert r0["digests"] == [".metadata", "__0_0.distcp", "__0_1.distcp", "mmpl/rng_r0.pt"] and r1["digests"] == []
     assert r0["ok"] is r1["ok"] is True
     assert r0["reason"] == r1["reason"] and "__0_0.distcp has a different sha256" in r0["reason"]
+
+
+def test_files_problem_checks_only_the_named_files(tmp_path):
+    root = _checkpoint(tmp_path / "c")
+    assert integrity.files_problem(root, [".metadata"]) is None  # no manifest: nothing to check against
+    write_manifest(root)
+    (tmp_path / "c" / "__0_0.distcp").write_bytes(b"x")
+    assert integrity.files_problem(root, [".metadata", "mmpl/rng_r0.pt", "not/listed"]) is None
+    assert "__0_0.distcp has 1 bytes" in integrity.files_problem(root, [".metadata", "__0_0.distcp"])
