@@ -174,6 +174,12 @@ class CheckpointConfig:
     load: str | None = None
     """Start from here when `save` holds nothing: a converted HF checkpoint (model weights only) or another
     run's checkpoint directory (full resume)."""
+    on_corrupt: str = "fallback"
+    """A corrupt or incomplete latest checkpoint (checksum manifest or load fails): fallback = one warning line,
+    then resume from the newest older checkpoint that verifies; fail = stop with one error line."""
+    strict_resume: bool = False
+    """Refuse to resume, naming the file, when a checkpoint lacks this run's RNG or data-loader state (the
+    resume would not be exact); false: warn and resume."""
 
 
 @dataclass

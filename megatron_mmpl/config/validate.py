@@ -17,6 +17,7 @@ _CHOICES = {
     "model.vit_recompute": ("full", "chunked", "none"),
     "model.attention_backend": ("auto", "sdpa", "flex", "te"),
     "optim.decay_style": ("cosine", "linear", "constant"),
+    "checkpoint.on_corrupt": ("fallback", "fail"),
 }
 
 

@@ -21,6 +21,7 @@ from megatron_mmpl.models.qwen25vl.presets import load_hf_dict
 from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 from megatron_mmpl.storage.atomic import atomic_directory, check_target
 from megatron_mmpl.storage.checkpoint_dir import HF_DIR, SIDE_FILES, resolve_checkpoint
+from megatron_mmpl.storage.integrity import CheckpointCorrupt, verify_checkpoint
 
 
 def model_source(ckpt: Path, override: str | None = None):
@@ -66,6 +67,11 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config_path: str | None = None, 
 
     check_target(out_dir, overwrite)
     ckpt = Path(resolve_checkpoint(ckpt_dir))
+    try:
+        verify_checkpoint(str(ckpt))  # a checkpoint without manifest (older) is exported with a warning
+    except CheckpointCorrupt as e:
+        raise CheckpointCorrupt(f"{e}; refusing to export it: pass --ckpt of an intact one (an older "
+                                "<run>/checkpoints/iter_N, or a fresh `mmpl convert hf-to-mcore`)") from None
     hf_config, side_dir, run = model_source(ckpt, hf_config_path)
     tokenizer = tokenizer or run.get("data", {}).get("tokenizer")
     target = parse_dtype(dtype) if dtype else _dtype_of(hf_config)
@@ -109,8 +115,8 @@ def _write_side_files(out: Path, side_dir: Path | None, hf_config, tokenizer: st
         if not tokenizer:
             raise ValueError(
                 "the checkpoint carries no tokenizer files and its run config names no data.tokenizer; pass "
-                "--tokenizer (qwen2 | tiny | <hf dir>) so the export loads with AutoProcessor, or --tokenizer none "
-                "for weights and config only"
+                "--tokenizer qwen2 | tiny | <hf dir> | none (the first three make the export load with AutoProcessor; "
+                "none writes weights and config only)"
             )
         from megatron_mmpl.data.processor_files import write_processor_files
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
@@ -23,7 +25,7 @@ class HFCheckpoint:
         cfg_file = self.path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"--hf {self.path}: no config.json; is this a Hugging Face model directory?")
-        self.config_dict = json.loads(cfg_file.read_text())
+        self.config_dict = read_json(cfg_file)
         archs = self.config_dict.get("architectures") or []
         mtype = self.config_dict.get("model_type")
         if mtype not in SUPPORTED_MODEL_TYPES and not set(archs) & set(SUPPORTED_ARCHITECTURES):
@@ -36,7 +38,7 @@ class HFCheckpoint:
     def _weight_map(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            files = json.loads(index.read_text())["weight_map"]
+            files = read_json(index)["weight_map"]
             missing = sorted({f for f in files.values() if not (self.path / f).is_file()})
             if missing:
                 raise FileNotFoundError(
@@ -46,9 +48,7 @@ class HFCheckpoint:
             return {name: self.path / f for name, f in files.items()}
         single = self.path / "model.safetensors"
         if single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(single, framework="pt") as f:
+            with open_safetensors(single) as f:
                 return {name: single for name in f.keys()}
         if list(self.path.glob("*.bin")):
             raise ValueError(
@@ -68,32 +68,44 @@ class HFCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from its shard without loading the others."""
-        from safetensors import safe_open
-
         if name not in self.weight_map:
             raise KeyError(f"{name!r} is not in {self.path}")
-        with safe_open(self.weight_map[name], framework="pt") as f:
+        with open_safetensors(self.weight_map[name]) as f:
             return f.get_tensor(name)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """All tensors, shard by shard (each shard opened once)."""
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for name, file in self.weight_map.items():
             by_file.setdefault(file, []).append(name)
         for file, names in by_file.items():
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
                 for name in names:
                     yield name, f.get_tensor(name)
 
     def dtypes(self) -> set[str]:
         """The safetensors dtype names of the weights (e.g. {"BF16"}), read from headers only."""
-        from safetensors import safe_open
-
         out = set()
         for file in set(self.weight_map.values()):
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
                 for name in f.keys():
                     out.add(f.get_slice(name).get_dtype())
         return out
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of the checkpoint; malformed JSON is a ValueError naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--hf {path}: not valid JSON ({e}); re-download the checkpoint or fix the file") from None
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path):
+    """safe_open(path); a damaged file (bad header, truncated) is a ValueError naming it, also mid-read."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"--hf {path}: damaged safetensors file ({e}); re-download the checkpoint") from None

@@ -23,6 +23,7 @@ from megatron_mmpl.models.qwen25vl import hf_mapping as mapping
 from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 from megatron_mmpl.storage.atomic import atomic_directory, check_target
 from megatron_mmpl.storage.checkpoint_dir import HF_DIR, SIDE_FILES
+from megatron_mmpl.storage.integrity import write_manifest
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -83,4 +84,5 @@ def hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrite: bool 
             "tensors": len(filler.filled), "seconds": round(time.time() - t0, 1),
         }
         (tmp / "mmpl" / "conversion.json").write_text(json.dumps(summary, indent=2))
+        write_manifest(str(tmp))  # checksums, checked by `mcore-to-hf`
     return summary

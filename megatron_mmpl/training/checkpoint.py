@@ -3,11 +3,14 @@
 The model and optimizer go in megatron's fully_reshardable format (reshardable over TP/PP/DP on load).
 
 A checkpoint is written into `iter_N.partial/`, renamed to `iter_N/` once every rank has finished, and only
-then named by the tracker; a crash mid-save leaves at most a `.partial` dir, which is never loaded.
+then named by the tracker; a crash mid-save leaves at most a `.partial` dir, which is never loaded. Its checksum
+manifest (storage/integrity.py) is written before the rename; `resume` loads the newest checkpoint that verifies
+and loads (checkpoint.on_corrupt) and warns, or refuses (checkpoint.strict_resume), when RNG or loader state is absent.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -31,6 +34,18 @@ from megatron_mmpl.storage.checkpoint_dir import (  # noqa: F401 - the trainer r
     latest_step,
     resolve_checkpoint,
 )
+from megatron_mmpl.storage.integrity import (
+    CheckpointCorrupt,
+    files_problem,
+    first_reason,
+    hash_shared,
+    verify_checkpoint,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+# Files of every torch_dist checkpoint, checked by name before a checkpoint without manifest is loaded.
+DIST_FILES = ("metadata.json", ".metadata", "common.pt")
 
 # Megatron's DistributedOptimizer format that reshards across TP/PP (and DP) on load.
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -92,6 +107,9 @@ def write_hf_side_files(out: str, hf, load_path: str | None, tokenizer_name: str
     hf.save_pretrained(out)
     source = os.path.join(load_path, HF_DIR) if load_path else None
     copied = [f for f in SIDE_FILES if source and os.path.isfile(os.path.join(source, f))]
+    bad = files_problem(load_path, [os.path.join(HF_DIR, f) for f in copied]) if copied else None
+    if bad:  # damaged files must not travel into new checkpoints; resume reports this checkpoint and falls back
+        copied = []
     for f in copied:
         shutil.copy2(os.path.join(source, f), os.path.join(out, f))
     if not copied and tokenizer_name:
@@ -133,11 +151,13 @@ def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, c
     if data_state is not None and first_of_replica:
         torch.save(data_state, os.path.join(partial, STATE_DIR, f"data_dp{ps.get_data_parallel_rank()}.pt"))
     _barrier()
+    digests = hash_shared(partial)  # collective: each rank hashes its share of the files, rank 0 gets all
     if _rank() == 0:
         with open(os.path.join(partial, STATE_DIR, "config.yaml"), "w") as f:
             f.write(config_yaml)
         if hf_side_dir and os.path.isdir(hf_side_dir):
             shutil.copytree(hf_side_dir, os.path.join(partial, HF_DIR))
+        write_manifest(partial, digests)  # hashes the config and HF files written just now
         replace_directory(partial, final)
         atomic_write(os.path.join(root, TRACKER), str(state.step))
         if keep_last > 0:
@@ -147,44 +167,112 @@ def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, c
     return final
 
 
-def resume(root: str, model, optimizer, scheduler) -> tuple[TrainState, dict | None]:
-    """Restore model, optimizer, scheduler, counters and RNG from the latest complete checkpoint in `root`.
+def resume(root: str, model, optimizer, scheduler, on_corrupt: str = "fallback",
+           strict: bool = False) -> tuple[TrainState, dict | None]:
+    """Restore model, optimizer, scheduler, counters and RNG from the newest checkpoint in `root` that verifies
+    and loads on every rank (older ones are tried after one warning line each; on_corrupt="fail" raises instead).
+    Returns the train state and this data-parallel rank's data-loader state (None if none was saved)."""
+    latest = latest_step(root)
+    if latest is None:
+        raise FileNotFoundError(f"no complete checkpoint in {root!r}")
+    allocate_adam_state(optimizer)
+    candidates = [latest, *sorted((s for s in complete_steps(root) if s < latest), reverse=True)]
+    for i, step in enumerate(candidates):
+        path = iter_dir(root, step)
+        try:
+            loaded = _read_checkpoint(path, model, optimizer)
+        except CheckpointCorrupt as e:
+            if on_corrupt == "fail":
+                raise CheckpointCorrupt(f"{e}; set checkpoint.on_corrupt=fallback to resume from an older "
+                                        f"checkpoint, or delete {path}") from None
+            older = f"trying {iter_dir(root, candidates[i + 1])}" if i + 1 < len(candidates) else "no older one"
+            if _rank() == 0:
+                log.warning("%s; skipping it, %s", e, older)
+            continue
+        return _apply(loaded, path, model, optimizer, scheduler, strict)
+    raise CheckpointCorrupt(f"no usable checkpoint in {root} (all {len(candidates)} are corrupt, see the warnings "
+                            "above); restore one, or move them away to start from checkpoint.load")
 
-    Returns the train state and this data-parallel rank's data-loader state (None if none was saved).
-    """
+
+def _read_checkpoint(path: str, model, optimizer) -> dict:
+    """Verify and read everything this rank needs from checkpoint `path` (nothing is applied yet); any rank's
+    failure raises CheckpointCorrupt on all ranks. (A checkpoint without manifest that fails inside megatron's
+    collective load on some ranks only can still hang the others: manifests catch such damage before loading.)"""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: named on its own
 
-    step = latest_step(root)
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {root!r}")
-    path = iter_dir(root, step)
+    verify_checkpoint(path)
+    reason, out = None, {}
     module = model.module if hasattr(model, "module") else model
     model_sd = module.sharded_state_dict()
-    allocate_adam_state(optimizer)
     sharded = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_SHARDING),
     }
-    loaded = dist_checkpointing.load(sharded, path)
-    module.load_state_dict(loaded["model"], strict=True)
-    skip_adam_step_on_param_state_load(optimizer)
-    optimizer.load_state_dict(loaded["optimizer"])
-    unshare_adam_steps(optimizer)
-    scheduler.load_state_dict(loaded["scheduler"])
-    ts = dict(loaded["train_state"])
-    state = TrainState(step=ts.pop("step"), consumed_samples=ts.pop("consumed_samples"),
-                       consumed_tokens=ts.pop("consumed_tokens"), extra=ts)
-    rng_file = os.path.join(path, STATE_DIR, f"rng_{_layout_tag()}_r{_rank()}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    data_file = os.path.join(path, STATE_DIR, f"data_dp{ps.get_data_parallel_rank()}.pt")
-    saved_dp = len([f for f in os.listdir(os.path.join(path, STATE_DIR)) if f.startswith("data_dp")])
+    absent = [f for f in DIST_FILES if not os.path.isfile(os.path.join(path, f))]  # megatron's errors name none
+    if absent:
+        reason = f"corrupt checkpoint: {os.path.join(path, absent[0])} is missing"
+    else:
+        try:
+            out["dist"] = dist_checkpointing.load(sharded, path)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure to read it makes it unusable
+            reason = f"corrupt checkpoint: {path} does not load ({_one_line(e)})"
+    state_dir = os.path.join(path, STATE_DIR)
+    files = {"rng": os.path.join(state_dir, f"rng_{_layout_tag()}_r{_rank()}.pt"),
+             "data": os.path.join(state_dir, f"data_dp{ps.get_data_parallel_rank()}.pt")}
+    for key, file in files.items():
+        if reason is None and os.path.isfile(file):
+            try:
+                out[key] = torch.load(file, weights_only=False)
+            except Exception as e:  # noqa: BLE001 - as above
+                reason = f"corrupt checkpoint: {file} does not load ({_one_line(e)})"
+        out[key + "_file"] = file
+    reason = first_reason(reason)
+    if reason:
+        raise CheckpointCorrupt(reason)
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    """`Type: first line` of an error; for torch DCP's CheckpointException, of the first rank's own error."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))[0]
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _apply(loaded: dict, path: str, model, optimizer, scheduler, strict: bool) -> tuple[TrainState, dict | None]:
+    """Put what `_read_checkpoint` read into the model, optimizer, scheduler and RNG; check the loader state."""
+    from megatron.core import parallel_state as ps
+
+    module = model.module if hasattr(model, "module") else model
+    state_dir = os.path.join(path, STATE_DIR)
+    saved_dp = len([f for f in os.listdir(state_dir) if f.startswith("data_dp")])
     if saved_dp and saved_dp != ps.get_data_parallel_world_size():
         raise ValueError(
             f"checkpoint {path} was saved with data-parallel size {saved_dp}, this run has "
             f"{ps.get_data_parallel_world_size()}; the data-loader state is per data-parallel rank, so resume "
             f"with world size = {saved_dp}·tp·pp·cp"
         )
-    data_state = torch.load(data_file, weights_only=False) if os.path.isfile(data_file) else None
-    return state, data_state
+    absent = [loaded[f"{k}_file"] for k in ("rng", "data") if k not in loaded]
+    missing = first_reason(f"{', '.join(absent)} absent" if absent else None)
+    if missing and strict:
+        raise CheckpointCorrupt(f"checkpoint.strict_resume=true refuses {path}: {missing}, so the resume would not "
+                                "be exact; set checkpoint.strict_resume=false to resume anyway")
+    if missing and _rank() == 0:
+        log.warning("resume from %s is not exact: %s (RNG state is per layout %s; loader state per data-parallel "
+                    "rank)", path, missing, _layout_tag())
+    loaded_dist = loaded["dist"]
+    module.load_state_dict(loaded_dist["model"], strict=True)
+    skip_adam_step_on_param_state_load(optimizer)
+    optimizer.load_state_dict(loaded_dist["optimizer"])
+    unshare_adam_steps(optimizer)
+    scheduler.load_state_dict(loaded_dist["scheduler"])
+    ts = dict(loaded_dist["train_state"])
+    state = TrainState(step=ts.pop("step"), consumed_samples=ts.pop("consumed_samples"),
+                       consumed_tokens=ts.pop("consumed_tokens"), extra=ts)
+    if "rng" in loaded:
+        set_rng_state(loaded["rng"])
+    return state, loaded.get("data")

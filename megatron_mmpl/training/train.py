@@ -113,7 +113,8 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     # State: resume everything, or start at step 0.
     state, data_state = ckpt.TrainState(), None
     if start_kind == "resume":
-        state, data_state = ckpt.resume(start_path, model, optimizer, scheduler)
+        state, data_state = ckpt.resume(start_path, model, optimizer, scheduler, cfg.checkpoint.on_corrupt,
+                                        cfg.checkpoint.strict_resume)
 
     # Data: this data-parallel rank's packed micro-batches (TP/PP/CP peers read the same ones).
     seq_multiple = p.pad_multiple

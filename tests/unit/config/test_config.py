@@ -89,6 +89,8 @@ def test_presets_resolve_to_qwen_shapes():
         (["optim.lr=fast"], None, "optim.lr='fast' must be a number"),
         (["parallel.tp=two"], None, "parallel.tp='two' must be an integer"),
         (["model.recompute=some"], None, "model.recompute='some' must be one of"),
+        (["checkpoint.on_corrupt=ignore"], None, "checkpoint.on_corrupt='ignore' must be one of fallback | fail"),
+        (["checkpoint.strict_resume=maybe"], None, "checkpoint.strict_resume='maybe'"),
         (["data.recipe=long"], None, "data.recipe='long'"),
         (["optim.min_lr=1"], None, "optim.min_lr=1.0 is above optim.lr"),
         (["data.shards="], None, "data.shards is empty"),
