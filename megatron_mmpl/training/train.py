@@ -20,6 +20,7 @@ from megatron_mmpl.config import Config, ConfigError, dump_yaml, train_steps, va
 from megatron_mmpl.config.hf_config import check_matches_checkpoint, resolve_hf_config
 from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 from megatron_mmpl.parallel.process_groups import initialize_parallel
+from megatron_mmpl.storage.run_lock import RunLock
 from megatron_mmpl.training import checkpoint as ckpt
 from megatron_mmpl.training.batches import check_data_dir, check_mixture, open_batches
 from megatron_mmpl.training.flops import FlopModel, peak_tflops
@@ -71,7 +72,9 @@ def preflight(cfg: Config, world_size: int):
 
 
 def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
-    """Run (or resume) the training job described by `cfg`; `max_steps` stops early (tests: N of 2N steps)."""
+    """Run (or resume) the training job described by `cfg`; `max_steps` stops early (tests: N of 2N steps).
+    Rank 0 locks run_dir (storage/run_lock.py); when that fails it raises at once and exits non-zero, and torchrun
+    tears the other ranks down."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -80,6 +83,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     hf, spec, (start_kind, start_path) = preflight(cfg, world_size)
+    run_lock = RunLock(cfg.run_dir).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
     use_expandable_segments()
     hf_side_dir = os.path.join(cfg.run_dir, "hf_files")  # HF config + tokenizer, copied into each checkpoint
     p, d = cfg.parallel, cfg.data
@@ -210,6 +214,8 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
         close = getattr(batches, "close", None)
         if close is not None:
             close()
+        if run_lock is not None:
+            run_lock.release()
     return result
 
 
