@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_mmpl.errors import reading
+
 SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 
@@ -48,7 +50,7 @@ class HFCheckpoint:
         if single.is_file():
             from safetensors import safe_open
 
-            with safe_open(single, framework="pt") as f:
+            with reading(single), safe_open(single, framework="pt") as f:
                 return {name: single for name in f.keys()}
         if list(self.path.glob("*.bin")):
             raise ValueError(
@@ -72,7 +74,7 @@ class HFCheckpoint:
 
         if name not in self.weight_map:
             raise KeyError(f"{name!r} is not in {self.path}")
-        with safe_open(self.weight_map[name], framework="pt") as f:
+        with reading(self.weight_map[name]), safe_open(self.weight_map[name], framework="pt") as f:
             return f.get_tensor(name)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -83,7 +85,7 @@ class HFCheckpoint:
         for name, file in self.weight_map.items():
             by_file.setdefault(file, []).append(name)
         for file, names in by_file.items():
-            with safe_open(file, framework="pt") as f:
+            with reading(file), safe_open(file, framework="pt") as f:
                 for name in names:
                     yield name, f.get_tensor(name)
 
@@ -93,7 +95,7 @@ class HFCheckpoint:
 
         out = set()
         for file in set(self.weight_map.values()):
-            with safe_open(file, framework="pt") as f:
+            with reading(file), safe_open(file, framework="pt") as f:
                 for name in f.keys():
                     out.add(f.get_slice(name).get_dtype())
         return out

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+class DecodeAbort(RuntimeError):
+    """data.max_consecutive_failures samples in a row failed to decode: the shards, not one sample, are bad."""
+
+
 @dataclass
 class LoaderOptions(DataConfig):
     """Everything the loader reads: the run's data section (documented in config/schema.py) and the padding
@@ -154,10 +158,12 @@ class WorkerStream:
                                 ds.ps.shard_paths[int(p.shard[item])] if ds.ps.shard_paths else "-",
                                 int(p.offset[item]), type(e).__name__, e)
                     if self.counters["consecutive_failures"] >= ds.opts.max_consecutive_failures:
-                        raise RuntimeError(
+                        raise DecodeAbort(
                             f"{self.counters['consecutive_failures']} consecutive samples failed to decode (last: "
-                            f"{p.keys[item]}: {type(e).__name__}: {e}); the shards under {ds.root} look corrupt or "
-                            f"were built with another tokenizer/image processor") from e
+                            f"{p.keys[item]} in {ds.ps.shard_paths[int(p.shard[item])] if ds.ps.shard_paths else '-'}"
+                            f": {type(e).__name__}: {e}); the shards under {ds.root} look corrupt or were built with "
+                            f"another tokenizer/image processor: rebuild them (`mmpl data build`), or raise "
+                            f"data.max_consecutive_failures to skip more") from e
             if not samples:
                 continue
             self.counters["batches"] += 1

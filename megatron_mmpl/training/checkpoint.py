@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mmpl.compat.optimizer import allocate_adam_state, skip_adam_step_on_param_state_load, unshare_adam_steps
+from megatron_mmpl.errors import reading
 from megatron_mmpl.storage.atomic import atomic_write, replace_directory
 from megatron_mmpl.storage.checkpoint_dir import (  # noqa: F401 - the trainer reads the layout through this module
     HF_DIR,
@@ -166,7 +167,8 @@ def resume(root: str, model, optimizer, scheduler) -> tuple[TrainState, dict | N
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_SHARDING),
     }
-    loaded = dist_checkpointing.load(sharded, path)
+    with reading(path):  # megatron's errors do not always name the checkpoint
+        loaded = dist_checkpointing.load(sharded, path)
     module.load_state_dict(loaded["model"], strict=True)
     skip_adam_step_on_param_state_load(optimizer)
     optimizer.load_state_dict(loaded["optimizer"])
