@@ -73,7 +73,7 @@ def test_stale_lock_of_a_killed_holder_is_taken_over(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from megatron_mmpl.storage.run_lock import RunLock; "
-         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)", str(run)],
+         "lock = RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)", str(run)],
         stdout=subprocess.PIPE, text=True, env=ENV)
     assert holder.stdout.readline().strip() == "locked"
     holder.kill()
@@ -85,3 +85,27 @@ def test_stale_lock_of_a_killed_holder_is_taken_over(tmp_path):
     assert len(stale) == 1 and f"PID {holder.pid} " in stale[0] and "that process is gone" in stale[0], out.stderr
     assert _steps(run) == [1, 2]
     assert (run / ".mmpl.lock").read_text() == ""  # released cleanly at the end
+
+
+def test_locked_run_dir_under_torchrun_is_one_line_from_rank_0(tmp_path):
+    """Rank 0 refuses and exits 2; torchrun tears rank 1 down: no rank prints a traceback (torchrun's own report
+    of the failed child remains)."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from megatron_mmpl.storage.run_lock import RunLock; "
+         "lock = RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)", str(run)],
+        stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = overrides(str(tmp_path), f"run_dir={run}", "parallel.tp=2", "schedule.train_steps=2")
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "megatron_mmpl.cli", "train", "--config", RECIPE, *args],
+                             capture_output=True, text=True, env=ENV, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("mmpl train: error")]
+    assert out.returncode != 0
+    assert len(errors) == 1 and f"PID {holder.pid} " in errors[0], out.stderr[-3000:]
+    assert "megatron_mmpl" not in out.stderr.split("Traceback", 1)[-1].split("ChildFailedError", 1)[0]
+    assert not (run / "losses.tsv").exists()
