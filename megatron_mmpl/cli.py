@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from megatron_mmpl.errors import user_message
 
 SUBCOMMANDS = {
     "data": "megatron_mmpl.data.commands",
@@ -28,15 +31,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_handler(args: argparse.Namespace, command: str) -> int:
-    """Run a subcommand's handler; bad input becomes one `error:` line (tracebacks with --debug)."""
+    """Run a subcommand's handler; an expected failure (errors.user_message) becomes one `error:` line and exit 2,
+    a bug keeps its traceback; --debug shows every traceback. Under torchrun a failure raised before the process
+    group exists is the same on every rank, so only rank 0 prints it; a later one prints on its rank, tagged."""
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        if getattr(args, "debug", False):
+    except Exception as e:
+        msg = None if getattr(args, "debug", False) else user_message(e)
+        if msg is None:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"mmpl {command}: error: {msg}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print(f"mmpl {command}: error: {msg}", file=sys.stderr)
+        elif _group_initialized():
+            print(f"mmpl {command}: error (rank {rank}): {msg}", file=sys.stderr)
         return 2
+
+
+def _group_initialized() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def main(argv: list[str] | None = None) -> int:

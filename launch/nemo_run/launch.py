@@ -71,12 +71,28 @@ exit $rc
 """
 
 
+def put_torchrun_on_path(shim_dir: str) -> str:
+    """Make `torchrun` (which NeMo-Run's local launcher runs by name) resolve for this interpreter, also when its
+    venv is not activated: the torchrun beside sys.executable, else a shim in `shim_dir` running
+    `python -m torch.distributed.run`. Returns the torchrun used."""
+    beside = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.access(beside, os.X_OK):
+        os.makedirs(shim_dir, exist_ok=True)
+        beside = os.path.join(shim_dir, "torchrun")
+        with open(beside, "w") as f:
+            f.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m torch.distributed.run "$@"\n')
+        os.chmod(beside, 0o755)
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(beside), os.environ.get("PATH", "")])
+    return beside
+
+
 def build(args):
     """(task, executor) for the chosen executor."""
     import nemo_run as run
     from nemo_run.config import get_nemorun_home
 
     if args.executor == "local":
+        put_torchrun_on_path(os.path.join(get_nemorun_home(), "bin"))
         task = run.Script(path="megatron_mmpl.cli", args=train_args(args), entrypoint=args.python, m=True,
                           env=dict(RANK_ENV))
         executor = run.LocalExecutor(ntasks_per_node=args.nproc, launcher="torchrun")

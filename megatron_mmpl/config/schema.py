@@ -77,6 +77,9 @@ class ParallelConfig:
     """Megatron sequence parallelism for norms/dropout regions; needs tp > 1."""
     ignore_memory_plan: bool = False
     """Start on a GPU even when the memory planner refuses this layout (it will likely run out of memory)."""
+    timeout_s: float = 600.0
+    """A collective that waits longer than this on another rank (hung, stopped, dead) stops the run with one line
+    (gloo raises; NCCL's watchdog aborts the process). Leave room for the slowest checkpoint save."""
 
     @property
     def pad_multiple(self) -> int:
@@ -149,6 +152,9 @@ class OptimConfig:
     """Adam ε."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
+    max_bad_steps: int = 5
+    """A step with a non-finite loss or gradient is skipped (no optimizer update) and counted; this many in a row
+    stop the run with one line, without saving."""
 
 
 @dataclass

@@ -35,7 +35,7 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(f"{name}={_get(cfg, name)!r} must be one of {' | '.join(choices)}")
     positive = ("parallel.tp", "parallel.pp", "parallel.cp", "data.micro_batch_size", "data.global_batch_size",
                 "data.max_seq_len", "data.min_len", "checkpoint.interval", "logging.interval",
-                "model.recompute_num_layers", "model.vit_chunk_patches")
+                "model.recompute_num_layers", "model.vit_chunk_patches", "optim.max_bad_steps", "parallel.timeout_s")
     for name in positive:
         if _get(cfg, name) < 1:
             raise ConfigError(f"{name}={_get(cfg, name)} must be >= 1")

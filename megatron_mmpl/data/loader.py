@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+class DecodeAbort(RuntimeError):
+    """data.max_consecutive_failures samples in a row failed to decode: the shards, not one sample, are bad."""
+
+
 @dataclass
 class LoaderOptions(DataConfig):
     """Everything the loader reads: the run's data section (documented in config/schema.py) and the padding
@@ -89,6 +93,26 @@ class SampleDecoder:
                                key=key, task=s.task)
 
 
+class NoUsableSamples(ValueError):
+    """The mixture can draw no sample that fits a packed row: the loader would spin forever."""
+
+
+def check_some_fit(ps: PoolSet, weights, opts) -> None:
+    """Refuse at start-up a mixture whose every drawable sample is longer than max_seq_len (skip_long would skip
+    them all, forever)."""
+    drawable = [p for p, w in zip(ps.pools, weights) if w > 0 and len(p)]
+    if not opts.skip_long or not drawable:
+        return
+    lengths = [padded_len(np.asarray(p.n_tokens, np.int64), opts.pad_multiple) for p in drawable]
+    fits = sum(int((n <= opts.max_seq_len).sum()) for n in lengths)
+    if fits == 0:
+        shortest = min(int(np.min(p.n_tokens)) for p in drawable)
+        raise NoUsableSamples(
+            f"every sample the mixture draws ({sum(len(p) for p in drawable)} in {len(drawable)} pools) is longer "
+            f"than data.max_seq_len={opts.max_seq_len} (the shortest has {shortest} tokens), so all would be "
+            f"skipped; raise data.max_seq_len to at least {shortest}, or lower data.max_len")
+
+
 class WorkerStream:
     """The packed-batch stream of one logical loader worker of one DP rank."""
 
@@ -112,7 +136,8 @@ class WorkerStream:
     def draw(self) -> tuple[int, int, int, int]:
         """(pool, item, n_tokens, stream position) of this worker's next sample; over-long ones are skipped."""
         ds, W = self.ds, self.ds.n_workers
-        while True:
+        limit = 4 * sum(len(p) for p in ds.ps.pools) * W  # draws without progress before we call it a dead loop
+        for _ in range(limit):
             g = self.g
             self.g += 1
             pool = ds.draws.pool_of(g)
@@ -130,6 +155,9 @@ class WorkerStream:
                 self.counters["skipped_long"] += 1
                 continue
             return pool, item, n, pos
+        raise NoUsableSamples(f"the loader drew {limit} samples in a row without one that fits data.max_seq_len="
+                              f"{ds.opts.max_seq_len} (skipped so far: {self.counters['skipped_long']} over-long); "
+                              "raise data.max_seq_len or lower data.max_len")
 
     def next_bin(self) -> list:
         while not self.buffer.full():
@@ -154,10 +182,12 @@ class WorkerStream:
                                 ds.ps.shard_paths[int(p.shard[item])] if ds.ps.shard_paths else "-",
                                 int(p.offset[item]), type(e).__name__, e)
                     if self.counters["consecutive_failures"] >= ds.opts.max_consecutive_failures:
-                        raise RuntimeError(
+                        raise DecodeAbort(
                             f"{self.counters['consecutive_failures']} consecutive samples failed to decode (last: "
-                            f"{p.keys[item]}: {type(e).__name__}: {e}); the shards under {ds.root} look corrupt or "
-                            f"were built with another tokenizer/image processor") from e
+                            f"{p.keys[item]} in {ds.ps.shard_paths[int(p.shard[item])] if ds.ps.shard_paths else '-'}"
+                            f": {type(e).__name__}: {e}); the shards under {ds.root} look corrupt or were built with "
+                            f"another tokenizer/image processor: rebuild them (`mmpl data build`), or raise "
+                            f"data.max_consecutive_failures to skip more") from e
             if not samples:
                 continue
             self.counters["batches"] += 1
@@ -189,6 +219,7 @@ class LongDocDataset(torch.utils.data.IterableDataset):
         c = self.improc.cfg
         self.patch_dim = 3 * c.temporal_patch_size * c.patch_size ** 2
         self.weights = pool_weights(self.ps, opts.recipe, opts.task_weights, opts.min_len, opts.max_len)
+        check_some_fit(self.ps, self.weights, opts)
         self.draws = DrawSequence(self.ps, self.weights, opts.seed)
         self.streams = PoolStream(self.ps, opts.seed)
         if tokenizer is not None:
@@ -216,8 +247,9 @@ class LongDocDataset(torch.utils.data.IterableDataset):
 class LongDocLoader:
     """Iterable of packed micro-batches (dicts of the contract's tensors) with exact-resume state."""
 
-    def __init__(self, dataset: LongDocDataset):
+    def __init__(self, dataset: LongDocDataset, worker_init=None):
         self.dataset = dataset
+        self.worker_init = worker_init  # the trainer's policy for its helper processes (training/signals.py)
         self.workers: dict[int, dict] = dict(dataset.start_states)
         self.consumed = 0
         self.last_info: dict = {}
@@ -230,7 +262,7 @@ class LongDocLoader:
         dl = torch.utils.data.DataLoader(
             ds, batch_size=None, num_workers=o.num_workers,
             prefetch_factor=o.prefetch_factor if o.num_workers > 0 else None,
-            multiprocessing_context="fork" if o.num_workers > 0 else None,
+            multiprocessing_context="fork" if o.num_workers > 0 else None, worker_init_fn=self.worker_init,
             pin_memory=torch.cuda.is_available(),  # page-locked batches: the trainer's copies run asynchronously
         )
         for batch in dl:
@@ -294,10 +326,12 @@ def dp_rank_and_size() -> tuple[int, int]:
 
 def build_train_loader(data_cfg, tokenizer, *, dp_rank: int | None = None, dp_size: int | None = None,
                        pad_multiple: int | None = None, hf_config=None,
-                       image_processor: ImageProcessor | None = None, **overrides) -> LongDocLoader:
+                       image_processor: ImageProcessor | None = None, worker_init=None,
+                       **overrides) -> LongDocLoader:
     """The training loader for this DP rank. data_cfg: a DataConfig (shards, recipe, min_len, max_len, task_weights,
     max_seq_len, num_workers, seed; optional LoaderOptions fields); dp rank/size default to parallel_state's;
-    pad_multiple: 2·CP·TP when sequence/context parallel needs it; hf_config: Qwen2_5_VLConfig for rope ids."""
+    pad_multiple: 2·CP·TP when sequence/context parallel needs it; hf_config: Qwen2_5_VLConfig for rope ids;
+    worker_init: run first in each worker process (the trainer's signal policy)."""
     opts = LoaderOptions.from_config(data_cfg, pad_multiple=pad_multiple, **overrides)
     if dp_rank is None or dp_size is None:
         dp_rank, dp_size = dp_rank_and_size()
@@ -306,4 +340,4 @@ def build_train_loader(data_cfg, tokenizer, *, dp_rank: int | None = None, dp_si
 
         rope_kwargs = rope_index_kwargs(hf_config)
     ds = LongDocDataset(opts, tokenizer, dp_rank, dp_size, image_processor, rope_kwargs)
-    return LongDocLoader(ds)
+    return LongDocLoader(ds, worker_init)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -38,8 +39,10 @@ class Layout:
             )
 
 
-def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, backend: str | None = None) -> Layout:
-    """Initialise torch.distributed from the env (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and megatron's groups."""
+def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, backend: str | None = None,
+                        timeout_s: float | None = None) -> Layout:
+    """Initialise torch.distributed from the env (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and megatron's groups;
+    `timeout_s` bounds every collective's wait on another rank (None: torch's and megatron's defaults)."""
     from megatron.core import parallel_state, tensor_parallel
 
     layout = Layout(tp, pp, cp)
@@ -57,9 +60,11 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
             backend=backend or ("nccl" if cuda else "gloo"),
             rank=int(os.environ.get("RANK", "0")),
             world_size=world_size,
+            **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}),
         )
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
+        **({"distributed_timeout_minutes": timeout_s / 60} if timeout_s else {}),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return layout

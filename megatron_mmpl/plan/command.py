@@ -73,6 +73,7 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-mem", type=float, help="memory per GPU in GiB (default: header, else 80)")
     p.add_argument("--all", action="store_true", help="plan every shipped preset, one line each")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=handle)
 
 

@@ -88,6 +88,14 @@ def total_params(m: ModelSpec) -> int:
     return lm + m.vision.depth * sum(vit_block_params(m, as_built=False)) + patch + merger_s + merger_r
 
 
+def checkpoint_bytes(m: ModelSpec, dtype: str) -> int:
+    """Bytes of one training checkpoint on disk: the weights in the model's dtype, plus the distributed
+    optimizer's fp32 master copy (bf16/fp16 runs) and its two fp32 Adam moments; a few MB of metadata aside."""
+    elem = 4 if dtype == "fp32" else 2
+    master = 0 if dtype == "fp32" else 4
+    return total_params(m) * (elem + master + 8)
+
+
 # ------------------------------------------------------------------------------------------- activations
 
 

@@ -13,6 +13,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+
+from megatron_mmpl.errors import UserError
+
+
+class NoSpaceForCheckpoint(UserError):
+    """The checkpoint directory's filesystem cannot hold the next checkpoint."""
+
 
 TRACKER = "latest_checkpointed_iteration.txt"
 STATE_DIR = "mmpl"
@@ -71,3 +79,30 @@ def resolve_checkpoint(path: str) -> str:
     if classify_load_path(path) == "resume":
         return iter_dir(path, latest_step(path))
     return path
+
+
+def clean_stale(root: str) -> list[str]:
+    """Remove what an interrupted save left in `root` (`iter_*.partial`, `.iter_*.old-PID`); never a complete
+    checkpoint. Run once at start-up, under the run lock. Returns the removed names."""
+    if not os.path.isdir(root):
+        return []
+    stale = [n for n in os.listdir(root) if re.fullmatch(r"iter_\d{7}\.partial|\.iter_\d{7}\.old-\d+", n)]
+    for name in stale:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return sorted(stale)
+
+
+def check_free_space(root: str, need_bytes: float) -> None:
+    """Refuse, before any compute, a checkpoint directory that cannot hold one more checkpoint (or is not
+    writable: the OSError names it)."""
+    os.makedirs(root, exist_ok=True)
+    probe = os.path.join(root, f".write-test-{os.getpid()}")
+    with open(probe, "wb"):
+        pass
+    os.remove(probe)
+    free = shutil.disk_usage(root).free
+    if free < need_bytes:
+        raise NoSpaceForCheckpoint(
+            f"checkpoint.save={root!r} has {free / 2**30:.2f} GiB free, one checkpoint of this model takes "
+            f"~{need_bytes / 2**30:.2f} GiB (weights, fp32 master copy and Adam moments); free space there or "
+            "point checkpoint.save at a larger filesystem")

@@ -9,6 +9,7 @@ from megatron_mmpl.config.load import ConfigError
 from megatron_mmpl.data.shards import load_index
 from megatron_mmpl.data.storage import is_url
 from megatron_mmpl.data.tokenizer import load_tokenizer
+from megatron_mmpl.training.signals import helper_process_init
 
 
 def check_data_dir(path: str, spec=None, storage_options: dict | None = None) -> dict:
@@ -69,7 +70,7 @@ def open_batches(cfg, hf, dp_rank: int, dp_size: int, state: dict | None = None,
 
     index = check_data_dir(cfg.data.shards, storage_options=cfg.data.storage_options)
     loader = build_train_loader(cfg.data, load_tokenizer(index["tokenizer_name"]), dp_rank=dp_rank, dp_size=dp_size,
-                                pad_multiple=pad_multiple, hf_config=hf)
+                                pad_multiple=pad_multiple, hf_config=hf, worker_init=helper_process_init)
     if state is not None:
         loader.load_state_dict(state)
     return Batches(loader)

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_mmpl.compat.checkpoint_writer import install_results_queue
 from megatron_mmpl.compat.optimizer import allocate_adam_state, skip_adam_step_on_param_state_load, unshare_adam_steps
+from megatron_mmpl.errors import UserError, find_os_error, os_error_line
 from megatron_mmpl.storage.atomic import atomic_write, replace_directory
 from megatron_mmpl.storage.checkpoint_dir import (  # noqa: F401 - the trainer reads the layout through this module
     HF_DIR,
@@ -42,6 +44,7 @@ from megatron_mmpl.storage.integrity import (
     verify_checkpoint,
     write_manifest,
 )
+from megatron_mmpl.training.signals import helper_process_init
 
 log = logging.getLogger(__name__)
 # Files of every torch_dist checkpoint, checked by name before a checkpoint without manifest is loaded.
@@ -49,6 +52,10 @@ DIST_FILES = ("metadata.json", ".metadata", "common.pt")
 
 # Megatron's DistributedOptimizer format that reshards across TP/PP (and DP) on load.
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointSaveFailed(UserError):
+    """A checkpoint could not be written (its `.partial` is gone, the previous checkpoint stays)."""
 
 
 @dataclass
@@ -121,12 +128,32 @@ def write_hf_side_files(out: str, hf, load_path: str | None, tokenizer_name: str
 
 def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, config_yaml: str,
                     data_state: dict | None, keep_last: int = 0, hf_side_dir: str | None = None) -> str:
-    """Save a complete checkpoint of step `state.step` (collective: every rank calls it)."""
+    """Save a complete checkpoint of step `state.step` (collective: every rank calls it). A failed write (disk
+    full, read-only) removes the `.partial`, keeps the previous checkpoint and raises CheckpointSaveFailed."""
+    install_results_queue(helper_process_init)  # megatron's writer helper, with the trainer's signal policy
+    final = iter_dir(root, state.step)
+    partial = final + ".partial"
+    try:
+        _write_checkpoint(root, final, partial, model, optimizer, scheduler, state, config_yaml, data_state,
+                          keep_last, hf_side_dir)
+    except Exception as e:
+        os_error = find_os_error(e)
+        if os_error is None:
+            raise
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        prev = latest_step(root)
+        raise CheckpointSaveFailed(
+            f"saving step {state.step} failed: {os_error_line(os_error)}; removed {partial}, the newest complete "
+            f"checkpoint stays: {iter_dir(root, prev) if prev is not None else 'none yet'}") from e
+    return final
+
+
+def _write_checkpoint(root, final, partial, model, optimizer, scheduler, state, config_yaml, data_state,
+                      keep_last, hf_side_dir) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    final = iter_dir(root, state.step)
-    partial = final + ".partial"
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
@@ -164,7 +191,6 @@ def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, c
             for old in complete_steps(root)[:-keep_last]:
                 shutil.rmtree(iter_dir(root, old), ignore_errors=True)
     _barrier()
-    return final
 
 
 def resume(root: str, model, optimizer, scheduler, on_corrupt: str = "fallback",

@@ -7,23 +7,44 @@ import json
 import os
 import sys
 
+from megatron_mmpl.storage.atomic import atomic_write
+
 FORMATS = [
     ("loss", "loss {:.4f}"), ("lr", "lr {:.3e}"), ("grad_norm", "grad {:.3f}"), ("tokens_per_s", "tok/s {:,.0f}"),
     ("tflops_per_gpu", "TFLOP/s/GPU {:.3g}"), ("mfu", "MFU {:.1%}"),
-    ("max_mem_gib", "mem {:.2f} GiB"), ("data_wait", "data {:.1%}"),
+    ("max_mem_gib", "mem {:.2f} GiB"), ("data_wait", "data {:.1%}"), ("bad_steps", "non-finite steps {:d}"),
+    ("skipped_long", "skipped {:,} over-long"), ("skipped_corrupt", "skipped {:,} undecodable"),
 ]
+OPTIONAL = ("bad_steps", "skipped_long", "skipped_corrupt")  # printed only when not zero
 
 
 def format_line(step: int, total: int, metrics: dict) -> str:
     parts = [f"step {step}/{total}"]
     for key, fmt in FORMATS:
-        if metrics.get(key) is not None:
+        if metrics.get(key) is not None and not (key in OPTIONAL and not metrics[key]):
             parts.append(fmt.format(metrics[key]))
             if key == "tflops_per_gpu" and metrics.get("vit_tflops_per_gpu") is not None:
                 parts[-1] += f" + ViT {metrics['vit_tflops_per_gpu']:.3g}"
             if key == "mfu" and metrics.get("vit_mfu") is not None:
                 parts[-1] += f" + ViT {metrics['vit_mfu']:.1%}"
     return " | ".join(parts)
+
+
+def truncate_after(path: str, step: int, step_of) -> None:
+    """Drop the lines of `path` logged after `step` (and unreadable ones: a line cut by a kill), atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if line.endswith("\n") and step_of(line) <= step:
+                keep.append(line)
+        except (ValueError, KeyError, IndexError):
+            pass
+    if len(keep) != len(lines):
+        atomic_write(path, "".join(keep))
 
 
 class RunLogger:
@@ -36,8 +57,11 @@ class RunLogger:
         if not writer:
             return
         os.makedirs(cfg.run_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
-        self.losses = open(os.path.join(cfg.run_dir, "losses.tsv"), "a")  # every step: step <tab> loss
+        jsonl, losses = os.path.join(cfg.run_dir, "metrics.jsonl"), os.path.join(cfg.run_dir, "losses.tsv")
+        truncate_after(jsonl, start_step, lambda line: json.loads(line)["step"])  # a resume redoes later steps
+        truncate_after(losses, start_step, lambda line: int(line.split("\t", 1)[0]))
+        self.jsonl = open(jsonl, "a")
+        self.losses = open(losses, "a")  # every step: step <tab> loss
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(cfg.tensorboard_dir)

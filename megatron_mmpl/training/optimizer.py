@@ -39,7 +39,8 @@ def wrap_ddp(module, cfg: Config):
 
     ddp_cfg = DistributedDataParallelConfig(
         use_distributed_optimizer=True, overlap_grad_reduce=False, overlap_param_gather=False,
-        grad_reduce_in_fp32=True, check_for_nan_in_grad=True,
+        grad_reduce_in_fp32=True,
+        check_for_nan_in_grad=False,  # the trainer skips and counts non-finite steps itself (train.py)
     )
     return DistributedDataParallel(config=module.config, ddp_config=ddp_cfg, module=module)
 

@@ -18,8 +18,12 @@ import torch.distributed as dist
 
 from megatron_mmpl.config import Config, ConfigError, dump_yaml, train_steps, validate_config, validate_layout
 from megatron_mmpl.config.hf_config import check_matches_checkpoint, resolve_hf_config
+from megatron_mmpl.errors import UserError
 from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 from megatron_mmpl.parallel.process_groups import initialize_parallel
+from megatron_mmpl.plan.memory import checkpoint_bytes
+from megatron_mmpl.storage.checkpoint_dir import check_free_space, clean_stale
+from megatron_mmpl.storage.run_lock import RunLock
 from megatron_mmpl.training import checkpoint as ckpt
 from megatron_mmpl.training.batches import check_data_dir, check_mixture, open_batches
 from megatron_mmpl.training.flops import FlopModel, peak_tflops
@@ -71,7 +75,9 @@ def preflight(cfg: Config, world_size: int):
 
 
 def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
-    """Run (or resume) the training job described by `cfg`; `max_steps` stops early (tests: N of 2N steps)."""
+    """Run (or resume) the training job described by `cfg`; `max_steps` stops early (tests: N of 2N steps).
+    Rank 0 locks run_dir (storage/run_lock.py); when that fails it raises at once and exits non-zero, and torchrun
+    tears the other ranks down."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -80,10 +86,15 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     hf, spec, (start_kind, start_path) = preflight(cfg, world_size)
+    run_lock = RunLock(cfg.run_dir).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
+    stale = []
+    if run_lock is not None:  # under the lock: what an interrupted save left, then room for the next checkpoint
+        stale = clean_stale(cfg.checkpoint_dir)
+        check_free_space(cfg.checkpoint_dir, checkpoint_bytes(spec, cfg.model.dtype))
     use_expandable_segments()
     hf_side_dir = os.path.join(cfg.run_dir, "hf_files")  # HF config + tokenizer, copied into each checkpoint
     p, d = cfg.parallel, cfg.data
-    layout = initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.seed)
+    layout = initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.seed, timeout_s=p.timeout_s)
     memory_plan = plan_this_run(cfg, spec, world_size)  # resolves model.recompute=auto; refuses what cannot fit
     rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     num_microbatches = d.global_batch_size // (d.micro_batch_size * dp)
@@ -134,6 +145,8 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
         log.print(f"[mmpl train] memory plan: {memory_plan.peak.total / 2**30:.1f} GiB per GPU at peak (stage "
                   f"{memory_plan.peak.stage}) of {memory_plan.hardware.budget_bytes / 2**30:.1f} usable; LM "
                   f"recompute {memory_plan.recompute}, ViT recompute {cfg.model.vit_recompute}")
+    if stale:
+        log.print(f"[mmpl train] removed what interrupted saves left in {cfg.checkpoint_dir}: {', '.join(stale)}")
     memory_step = state.step + 2  # the optimizer's state exists from the first step on: its peak shows in the second
     signals = StopSignal()
     result = TrainResult(step=state.step, model=module, optimizer=optimizer)
@@ -143,6 +156,9 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     timer = PhaseTimer(module) if cfg.logging.phase_times and torch.cuda.is_available() else None
     prof_first, prof_last = cfg.logging.profile_steps or (0, -1)
     prof = None
+    bad_in_row = bad_total = 0
+    skipped = (0.0, 0.0)  # samples skipped by the loader since the run began: over-long, undecodable
+    save_due = False
     try:
         while state.step < end:
             if state.step + 1 == prof_first:
@@ -158,32 +174,47 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
                 seq_length=d.max_seq_len, micro_batch_size=d.micro_batch_size, forward_only=False,
             )
             lr = current_lr(optimizer)  # the rate this step applies
-            if timer is not None:
-                timer.mark("opt0")
-            ok, grad_norm, _ = optimizer.step()
-            if timer is not None:
-                timer.mark("opt1")
-            if ok:
-                scheduler.step(1)
-            state.step += 1
-            state.consumed_samples += d.global_batch_size
 
-            # Two small all-reduces for everything logged: SUM of loss Σ/count (last stage, TP rank 0), tokens and
-            # FLOPs (first rank of each replica); MAX of data wait and peak memory over ranks.
+            # Two small all-reduces, before the optimizer steps: SUM of loss Σ/count (last stage, TP rank 0), tokens,
+            # FLOPs and the loader's skip counts (first rank of each replica); MAX of data wait, peak memory and
+            # "this rank's gradients are not finite".
             loss_pair = torch.stack([r["lm loss"] for r in reports]).sum(0).cpu() if loss_reporter and reports \
                 else torch.zeros(2)
             s = step_fn.stats
-            totals = torch.cat([loss_pair.double().cpu(), torch.tensor([s.tokens, s.lm_flops, s.vit_flops],
+            skips = _loader_skips(batches) if first_of_replica else [0.0, 0.0]
+            totals = torch.cat([loss_pair.double().cpu(), torch.tensor([s.tokens, s.lm_flops, s.vit_flops, *skips],
                                                                        dtype=torch.float64)])
-            waits = torch.tensor([s.data_wait, _max_memory_gib()], dtype=torch.float64)
+            waits = torch.tensor([s.data_wait, _max_memory_gib(), 0.0 if _all_finite(model, "grad") else 1.0],
+                                 dtype=torch.float64)
             _all_reduce(totals, dist.ReduceOp.SUM)
             _all_reduce(waits, dist.ReduceOp.MAX)
             loss = (totals[0] / totals[1].clamp_min(1)).item()
+            finite = math.isfinite(loss) and waits[2].item() == 0
+            if timer is not None:
+                timer.mark("opt0")
+            grad_norm = float("nan")
+            if finite:  # a non-finite step is skipped: no update, the scheduler does not advance
+                ok, grad_norm, _ = optimizer.step()
+                if ok:
+                    scheduler.step(1)
+                finite = grad_norm is None or math.isfinite(grad_norm)
+            if timer is not None:
+                timer.mark("opt1")
+            state.step += 1
+            state.consumed_samples += d.global_batch_size
             state.consumed_tokens += int(totals[2])
+            skipped = (totals[5].item(), totals[6].item())
+            bad_in_row = 0 if finite else bad_in_row + 1
+            bad_total += 0 if finite else 1
             result.losses[state.step] = loss
             result.step = state.step
             window.add(loss, grad_norm, totals[2].item(), totals[3].item(), totals[4].item(), waits[0].item(),
-                       time.perf_counter() - t0, waits[1].item(), timer.seconds() if timer is not None else None)
+                       time.perf_counter() - t0, waits[1].item(), timer.seconds() if timer is not None else None,
+                       bad=not finite, skipped=skipped)
+            if not finite:
+                log.print(f"[mmpl train] step {state.step}: non-finite loss or gradient (loss {loss}, grad norm "
+                          f"{grad_norm}); the optimizer step was skipped ({bad_in_row} in a row, "
+                          f"optim.max_bad_steps={cfg.optim.max_bad_steps})")
             if prof is not None and state.step == prof_last:
                 log.print(f"[mmpl train] profile of steps {prof_first}-{prof_last}: "
                           f"{stop_profiler(prof, cfg.run_dir, prof_last - prof_first + 1)}")
@@ -194,15 +225,37 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
             if state.step % cfg.logging.interval == 0 or state.step == end:
                 log.log(state.step, window.metrics(lr, world_size, peak))
                 window = _Window()
+            if bad_in_row >= cfg.optim.max_bad_steps:
+                raise NonFiniteSteps(
+                    f"{bad_in_row} steps in a row (to step {state.step}) had a non-finite loss or gradient "
+                    f"(optim.max_bad_steps={cfg.optim.max_bad_steps}); stopped without saving, the newest "
+                    f"checkpoint is {_newest(cfg)}; lower optim.lr, raise optim.warmup or check the data")
 
             stop = signals.agreed()
-            if stop or state.step % cfg.checkpoint.interval == 0 or state.step == total_steps:
+            save_due = save_due or state.step % cfg.checkpoint.interval == 0 or state.step == total_steps
+            if (stop or save_due) and finite:  # never a checkpoint from a non-finite step: the next finite one
+                if not _all_finite(model, "param"):
+                    raise NonFiniteSteps(f"step {state.step}: the weights hold NaN/Inf; not saving them (the "
+                                         f"newest checkpoint is {_newest(cfg)})")
                 result.checkpoint = _save(cfg, model, optimizer, scheduler, state, config_yaml, batches,
                                           hf_side_dir)
+                save_due = False
             if stop:
                 result.stopped_by_signal = True
-                log.print(f"[mmpl train] stop signal: saved step {state.step} to {result.checkpoint}; exiting")
+                saved = f"saved step {state.step} to {result.checkpoint}" if finite else \
+                    f"step {state.step} was non-finite, not saved (newest checkpoint: {_newest(cfg)})"
+                log.print(f"[mmpl train] stop signal: {saved}; exiting")
                 break
+        if bad_total or sum(skipped):
+            log.print(f"[mmpl train] skipped in this run: {bad_total} non-finite step(s); samples over "
+                      f"data.max_seq_len {int(skipped[0])}, undecodable {int(skipped[1])} (since the run began)")
+    except RuntimeError as e:  # gloo's wait on a rank that hangs or died; NCCL's watchdog aborts by itself
+        reason = _collective_failure(e)
+        if reason is None:
+            raise
+        raise CollectiveFailed(f"rank {rank}: {reason} (parallel.timeout_s={p.timeout_s:g}); the run stops, "
+                               f"resume from the newest checkpoint ({_newest(cfg)}) once every rank is healthy"
+                               ) from e
     finally:
         if timer is not None:
             timer.close()
@@ -211,6 +264,8 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
         close = getattr(batches, "close", None)
         if close is not None:
             close()
+        if run_lock is not None:
+            run_lock.release()
     return result
 
 
@@ -218,6 +273,50 @@ def _save(cfg, model, optimizer, scheduler, state, config_yaml, batches, hf_side
     data_state = batches.state_dict() if hasattr(batches, "state_dict") else None
     return ckpt.save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, state, config_yaml, data_state,
                                 keep_last=cfg.checkpoint.keep_last, hf_side_dir=hf_side_dir)
+
+
+class NonFiniteSteps(UserError):
+    """Too many steps in a row with a non-finite loss or gradient (or non-finite weights before a save)."""
+
+
+class CollectiveFailed(UserError):
+    """A collective waited on a rank that hung or died."""
+
+
+def _all_finite(model, what: str) -> bool:
+    """Whether this rank's gradients ('grad', megatron DDP's fp32 grad buffers) or weights ('param') are all
+    finite: one float32 sum per buffer (NaN/Inf survive a sum), no copy of the buffer."""
+    buffers = list(getattr(model, "buffers", [])) + list(getattr(model, "expert_parallel_buffers", []))
+    tensors = [getattr(b, f"{what}_data", None) for b in buffers]
+    if not buffers or any(t is None for t in tensors):  # no megatron buffers: the parameters themselves
+        params = [p for p in model.parameters() if p.requires_grad or what == "param"]
+        tensors = [p.main_grad if what == "grad" and hasattr(p, "main_grad") else (p.grad if what == "grad" else p)
+                   for p in params]
+    sums = [t.sum(dtype=torch.float32) for t in tensors if t is not None and t.numel()]
+    return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
+
+
+def _loader_skips(batches) -> list[float]:
+    """[over-long, undecodable] samples this replica's loader skipped since the run began (its saved counters)."""
+    stats = getattr(getattr(batches, "loader", None), "stats", None)
+    got = stats() if stats is not None else {}
+    return [float(got.get("skipped_long", 0)), float(got.get("corrupt", 0))]
+
+
+def _newest(cfg) -> str:
+    step = ckpt.latest_step(cfg.checkpoint_dir)
+    return ckpt.iter_dir(cfg.checkpoint_dir, step) if step is not None else "none yet"
+
+
+def _collective_failure(e: RuntimeError) -> str | None:
+    """What a failed gloo/NCCL collective means, or None for another RuntimeError."""
+    text = str(e)
+    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+        return "a collective (all-reduce, barrier or pipeline send/recv) timed out waiting on another rank: one " \
+               "rank is hung (stopped, deadlocked, GPU hang) or far slower; its log says which"
+    if any(k in text for k in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")):
+        return "another rank died mid-collective (its log has the cause: killed, out of memory, a crash)"
+    return None
 
 
 def _all_reduce(t: torch.Tensor, op) -> None:
@@ -238,12 +337,16 @@ class _Window:
         self.n, self.loss, self.grad, self.tokens, self.lm, self.vit, self.wait, self.time = 0, 0.0, 0.0, 0.0, \
             0.0, 0.0, 0.0, 0.0
         self.mem = 0.0
+        self.bad, self.skipped = 0, (0.0, 0.0)
         self.phases: dict[str, float] = {}
 
-    def add(self, loss, grad_norm, tokens, lm_flops, vit_flops, wait, seconds, mem_gib, phases=None):
+    def add(self, loss, grad_norm, tokens, lm_flops, vit_flops, wait, seconds, mem_gib, phases=None, bad=False,
+            skipped=(0.0, 0.0)):
         self.n += 1
-        self.loss += loss
-        self.grad += float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else 0.0
+        self.loss += loss  # NaN stays NaN in the log
+        self.grad += float(grad_norm) if grad_norm is not None else 0.0
+        self.bad += int(bad)
+        self.skipped = skipped
         self.tokens += tokens
         self.lm += lm_flops
         self.vit += vit_flops
@@ -262,7 +365,8 @@ class _Window:
             "tflops_per_gpu": tflops, "vit_tflops_per_gpu": vit,
             "mfu": tflops / peak if peak else None, "vit_mfu": vit / peak if peak else None, "max_mem_gib": self.mem,
             "data_wait": self.wait / t, **{f"{k}_s": v / self.n for k, v in self.phases.items()},
-            "step_s": t / self.n,
+            "step_s": t / self.n, "bad_steps": self.bad, "skipped_long": int(self.skipped[0]),
+            "skipped_corrupt": int(self.skipped[1]),
         }
 
 

@@ -50,15 +50,35 @@ def test_slurm_dry_run_renders_the_script(tmp_path):
 
 
 def test_local_executor_trains_two_steps(tmp_path, tiny_shards):  # noqa: F811
+    """Run with the venv's python but the venv not activated (its bin/ off PATH): torchrun is found beside it."""
     from megatron_mmpl.training.checkpoint import latest_step
 
     run_dir = tmp_path / "run"
+    venv_bin = os.path.dirname(sys.executable)
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d != venv_bin)
     r = _launch(tmp_path, "--preset", "tiny", "--executor", "local", "--nproc", "2", "--name", "nemo-tiny",
                 f"run_dir={run_dir}", f"data.shards={tiny_shards}", "schedule.train_steps=2", "checkpoint.interval=2",
-                timeout=600)
+                timeout=600, env={"PATH": path, "VIRTUAL_ENV": ""})
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     assert latest_step(str(run_dir / "checkpoints")) == 2, log[-4000:]
+
+
+def test_torchrun_found_beside_the_interpreter_or_shimmed(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nemo_launch", LAUNCH)
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    monkeypatch.setenv("PATH", "/nowhere")
+    beside = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    assert launch.put_torchrun_on_path(str(tmp_path / "shim")) == beside
+    assert os.environ["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bare" / "python"))  # an interpreter with no torchrun
+    shim = launch.put_torchrun_on_path(str(tmp_path / "shim"))
+    assert shim == str(tmp_path / "shim" / "torchrun") and os.access(shim, os.X_OK)
+    assert f"exec {tmp_path / 'bare' / 'python'} -m torch.distributed.run" in open(shim).read()
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(tmp_path / "shim")
 
 
 def test_slurm_executor_trains_on_a_real_slurm(tmp_path, tiny_shards, slurm_cluster):  # noqa: F811

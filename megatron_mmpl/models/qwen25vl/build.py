@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 
+from megatron_mmpl.errors import reading
 from megatron_mmpl.models.qwen25vl.configs import megatron_configs
 from megatron_mmpl.models.qwen25vl.model import Qwen25VLModel
 from megatron_mmpl.parallel.process_groups import Layout
@@ -95,5 +96,6 @@ def load_model_weights(path: str, model) -> None:
 
     module = model.module if hasattr(model, "module") else model
     model_sd = module.sharded_state_dict()
-    loaded = dist_checkpointing.load({"model": model_sd}, path, strict="raise_unexpected")
+    with reading(path):  # megatron's errors do not always name the checkpoint
+        loaded = dist_checkpointing.load({"model": model_sd}, path, strict="raise_unexpected")
     module.load_state_dict(loaded["model"], strict=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_mmpl.data.loader import LoaderOptions, build_train_loader
+from megatron_mmpl.data.loader import DecodeAbort, LoaderOptions, build_train_loader
 from megatron_mmpl.data.shards import load_index, load_shard_samples
 from megatron_mmpl.data.tokenizer import build_tiny_tokenizer, special_ids
 
@@ -110,7 +110,7 @@ def test_corrupt_samples_skipped_counted_then_abort(shards, tok, tmp_path, caplo
         with open(bad / sh["path"], "r+b") as f:
             f.seek(off + 512)
             f.write(b"\xff" * 16)
-    with pytest.raises(RuntimeError, match="consecutive samples failed"):
+    with pytest.raises(DecodeAbort, match="consecutive samples failed"):
         _take(build_train_loader(_opts(bad, num_workers=0, max_consecutive_failures=3), tok, dp_rank=0,
                                  dp_size=1), 1)
 
