@@ -89,11 +89,10 @@ def total_params(m: ModelSpec) -> int:
 
 
 def checkpoint_bytes(m: ModelSpec, dtype: str) -> int:
-    """Bytes of one training checkpoint on disk: the weights in the model's dtype, plus the distributed
-    optimizer's fp32 master copy (bf16/fp16 runs) and its two fp32 Adam moments; a few MB of metadata aside."""
-    elem = 4 if dtype == "fp32" else 2
-    master = 0 if dtype == "fp32" else 4
-    return total_params(m) * (elem + master + 8)
+    """Bytes of one training checkpoint on disk: the weights in the model's dtype plus what megatron's
+    fully_reshardable optimizer format saves per parameter in every dtype (fp32 master copy, two fp32 Adam
+    moments); metadata and tokenizer files aside (a few MB)."""
+    return total_params(m) * ((4 if dtype == "fp32" else 2) + 12)
 
 
 # ------------------------------------------------------------------------------------------- activations

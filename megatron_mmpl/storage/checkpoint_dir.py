@@ -103,6 +103,10 @@ def check_free_space(root: str, need_bytes: float) -> None:
     free = shutil.disk_usage(root).free
     if free < need_bytes:
         raise NoSpaceForCheckpoint(
-            f"checkpoint.save={root!r} has {free / 2**30:.2f} GiB free, one checkpoint of this model takes "
-            f"~{need_bytes / 2**30:.2f} GiB (weights, fp32 master copy and Adam moments); free space there or "
-            "point checkpoint.save at a larger filesystem")
+            f"checkpoint.save={root!r} has {_size(free)} free, one checkpoint of this model takes ~{_size(need_bytes)} "
+            "(weights, fp32 master copy and Adam moments); free space there or point checkpoint.save at a larger "
+            "filesystem")
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

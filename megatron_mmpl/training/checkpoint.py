@@ -130,23 +130,33 @@ def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, c
                     data_state: dict | None, keep_last: int = 0, hf_side_dir: str | None = None) -> str:
     """Save a complete checkpoint of step `state.step` (collective: every rank calls it). A failed write (disk
     full, read-only) removes the `.partial`, keeps the previous checkpoint and raises CheckpointSaveFailed."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     install_results_queue(helper_process_init)  # megatron's writer helper, with the trainer's signal policy
     final = iter_dir(root, state.step)
     partial = final + ".partial"
     try:
         _write_checkpoint(root, final, partial, model, optimizer, scheduler, state, config_yaml, data_state,
                           keep_last, hf_side_dir)
-    except Exception as e:
-        os_error = find_os_error(e)
-        if os_error is None:
-            raise
+    except (Exception, CheckpointException) as e:  # any failed write (torch DCP's error is a BaseException)
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         prev = latest_step(root)
+        os_error = find_os_error(e)
         raise CheckpointSaveFailed(
-            f"saving step {state.step} failed: {os_error_line(os_error)}; removed {partial}, the newest complete "
-            f"checkpoint stays: {iter_dir(root, prev) if prev is not None else 'none yet'}") from e
+            f"saving step {state.step} failed: {os_error_line(os_error) if os_error else _one_line(e)}"
+            f"{_full_disk(root)}; removed {partial}, the newest complete checkpoint stays: "
+            f"{iter_dir(root, prev) if prev is not None else 'none yet'}") from e
     return final
+
+
+def _full_disk(root: str) -> str:
+    """'; the filesystem is full' when it (nearly) is: the likely cause of a failed write."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return ""
+    return f" (the filesystem of {root} is full: {free / 2**20:.1f} MiB free)" if free < 32 * 2**20 else ""
 
 
 def _write_checkpoint(root, final, partial, model, optimizer, scheduler, state, config_yaml, data_state,

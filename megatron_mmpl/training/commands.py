@@ -41,13 +41,20 @@ def _train(args) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from megatron_mmpl.training.train import preflight, train
+    from megatron_mmpl.training.train import CollectiveFailed, preflight, train
 
     if args.check:
         _, _, (kind, path) = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         print(f"config ok; start: {kind}{f' from {path}' if path else ''}")
         return 0
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except CollectiveFailed:  # a peer is hung or gone: the groups cannot be torn down cleanly; the process exits
+        raise
+    except BaseException:
+        _leave_groups()
+        raise
+    _leave_groups()  # a caller in the same process may train again
     if int(os.environ.get("RANK", "0")) == 0:
         how = "stopped by signal" if result.stopped_by_signal else "done"
         last = result.losses.get(result.step)
@@ -55,3 +62,12 @@ def _train(args) -> int:
               + (f", loss {last:.4f}" if last is not None else "")
               + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""))
     return 0
+
+
+def _leave_groups() -> None:
+    import torch.distributed as dist
+
+    from megatron_mmpl.parallel.process_groups import destroy_parallel
+
+    if dist.is_initialized():
+        destroy_parallel()
