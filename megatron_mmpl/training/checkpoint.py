@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
 
 from megatron_mmpl.compat.checkpoint_writer import install_results_queue
 from megatron_mmpl.compat.optimizer import allocate_adam_state, skip_adam_step_on_param_state_load, unshare_adam_steps
@@ -126,13 +127,16 @@ def write_hf_side_files(out: str, hf, load_path: str | None, tokenizer_name: str
         write_processor_files(Path(out), hf, tokenizer_name)
 
 
+def start_writer_helper() -> None:
+    """Start megatron's checkpoint-writer helper process with the trainer's signal policy (idempotent)."""
+    install_results_queue(helper_process_init)
+
+
 def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, config_yaml: str,
                     data_state: dict | None, keep_last: int = 0, hf_side_dir: str | None = None) -> str:
     """Save a complete checkpoint of step `state.step` (collective: every rank calls it). A failed write (disk
     full, read-only) removes the `.partial`, keeps the previous checkpoint and raises CheckpointSaveFailed."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    install_results_queue(helper_process_init)  # megatron's writer helper, with the trainer's signal policy
+    start_writer_helper()
     final = iter_dir(root, state.step)
     partial = final + ".partial"
     try:
@@ -236,7 +240,6 @@ def _read_checkpoint(path: str, model, optimizer) -> dict:
     collective load on some ranks only can still hang the others: manifests catch such damage before loading.)"""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: named on its own
 
     verify_checkpoint(path)
     reason, out = None, {}

@@ -95,6 +95,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     hf_side_dir = os.path.join(cfg.run_dir, "hf_files")  # HF config + tokenizer, copied into each checkpoint
     p, d = cfg.parallel, cfg.data
     layout = initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.seed, timeout_s=p.timeout_s)
+    ckpt.start_writer_helper()  # now, so that a stop-save does not wait for its start
     memory_plan = plan_this_run(cfg, spec, world_size)  # resolves model.recompute=auto; refuses what cannot fit
     rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     num_microbatches = d.global_batch_size // (d.micro_batch_size * dp)
