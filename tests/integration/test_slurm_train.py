@@ -1,7 +1,8 @@
 """`mmpl train` through launch/slurm/train.sbatch on a real Slurm (tiny preset, 2 nodes x 1 CPU rank, gloo):
 a job stopped by `scancel --signal=TERM` mid-run (slurmstepd signals every process of the job step: both ranks
-and each rank's two loader workers and checkpoint-writer helper) leaves a complete checkpoint at the step it reached (not an interval
-step) and exits 0; a second submission with the same run dir resumes from that step and finishes."""
+and each rank's two loader workers and checkpoint-writer helper) leaves a complete checkpoint at the step it
+reached (not an interval step) and exits 0; a second submission with the same run dir resumes from that step and
+finishes."""
 
 import os
 import re
