@@ -265,12 +265,17 @@ class LongDocLoader:
             multiprocessing_context="fork" if o.num_workers > 0 else None, worker_init_fn=self.worker_init,
             pin_memory=torch.cuda.is_available(),  # page-locked batches: the trainer's copies run asynchronously
         )
-        for batch in dl:
-            meta = batch.pop("_meta")
-            self.workers[int(meta["worker"])] = meta["state"]
-            self.consumed += 1
-            self.last_info = meta["info"]
-            yield batch
+        batches = iter(dl)
+        try:
+            for batch in batches:
+                meta = batch.pop("_meta")
+                self.workers[int(meta["worker"])] = meta["state"]
+                self.consumed += 1
+                self.last_info = meta["info"]
+                yield batch
+        finally:
+            stop_workers(batches)
+
 
     def state_dict(self) -> dict:
         ds = self.dataset
@@ -299,6 +304,20 @@ class LongDocLoader:
                 if k != "consecutive_failures":
                     out[k] = out.get(k, 0) + int(v)
         return out
+
+
+def stop_workers(batches) -> None:
+    """Shut a DataLoader iterator's workers down, and SIGKILL any still alive: a worker_init that ignores SIGTERM
+    (the trainer's signal policy) would make torch's terminate() fallback, and multiprocessing's exit-time
+    terminate-and-join of daemon processes, wait forever."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    shutdown()
+    for w in getattr(batches, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=10)
 
 
 def _check_build(index: dict, tokenizer, improc: ImageProcessor | None) -> None:

@@ -54,10 +54,12 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # One process without a launcher: a private rendezvous, not MASTER_* left in os.environ for the children
+        # this process starts later (a later trainer would try the same port).
+        local = "MASTER_PORT" not in os.environ
         dist.init_process_group(
             backend=backend or ("nccl" if cuda else "gloo"),
+            **({"init_method": f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{free_port()}"} if local else {}),
             rank=int(os.environ.get("RANK", "0")),
             world_size=world_size,
             **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}),
