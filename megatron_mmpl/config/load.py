@@ -29,23 +29,39 @@ class ConfigError(ValueError):
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML recipe (or start from defaults), apply `a.b=value` overrides, return a checked Config."""
-    raw: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"recipe {path!r} does not exist")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = _read_recipe(path) if path is not None else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         _set_path(raw, key.strip(), _parse_scalar(value))
     return from_dict(raw)
+
+
+def _read_recipe(path: str, seen: tuple[str, ...] = ()) -> dict:
+    """A recipe's mapping; `base: other.yaml` (relative to this file) is read first and this file's values
+    override it, section by section (an ablation arm states only what differs from the main recipe)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe {path!r} does not exist")
+    if os.path.abspath(path) in seen:
+        raise ConfigError(f"recipe {path!r}: its `base:` chain comes back to itself")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = _read_recipe(os.path.join(os.path.dirname(path), base), (*seen, os.path.abspath(path)))
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def from_dict(raw: dict, cls: type = Config, prefix: str = "") -> Any:

@@ -106,6 +106,10 @@ class DataConfig:
     """Longest sample length (tokens) drawn."""
     task_weights: dict[str, float] = field(default_factory=lambda: {"extraction": 0.8, "reasoning": 0.2})
     """Relative weight per task family; missing families get weight 0."""
+    sources: dict[str, float] = field(default_factory=dict)
+    """More shard directories (paths or URLs) mixed in at a token share each, e.g. {data/short-docvqa: 0.1} for
+    the paper's "VQA + short data" arm; their samples are drawn as their pools hold them (no length recipe, no task
+    weights), and data.shards gets the rest of the tokens."""
     max_seq_len: int = 131072
     """Packed row length (tokens per micro-batch row); samples are packed up to it."""
     micro_batch_size: int = 1

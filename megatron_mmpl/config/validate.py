@@ -54,6 +54,9 @@ def validate_config(cfg: Config) -> None:
     if d.global_batch_size % d.micro_batch_size:
         raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
                           f"data.micro_batch_size={d.micro_batch_size}")
+    if any(not 0 < w < 1 for w in d.sources.values()) or sum(d.sources.values()) >= 1:
+        raise ConfigError(f"data.sources={d.sources}: each token share must be in (0, 1) and their sum below 1 "
+                          "(data.shards gets the rest)")
     if not d.task_weights or any(w < 0 for w in d.task_weights.values()) or sum(d.task_weights.values()) <= 0:
         raise ConfigError(f"data.task_weights={d.task_weights} needs non-negative weights with a positive sum")
     if not d.shards:

@@ -19,7 +19,7 @@ import torch
 from megatron_mmpl.config.schema import DataConfig
 from megatron_mmpl.data.chat_template import render
 from megatron_mmpl.data.images import ImageProcessor, ImageProcessorConfig
-from megatron_mmpl.data.mixture import DrawSequence, PoolSet, PoolStream, pool_weights
+from megatron_mmpl.data.mixture import DrawSequence, PoolSet, PoolStream, pool_weights, with_sources
 from megatron_mmpl.data.packing import PackingBuffer, ProcessedSample, collate_packed, padded_len
 from megatron_mmpl.data.schema import Sample
 from megatron_mmpl.data.shards import load_index, parse_members
@@ -219,6 +219,10 @@ class LongDocDataset(torch.utils.data.IterableDataset):
         c = self.improc.cfg
         self.patch_dim = 3 * c.temporal_patch_size * c.patch_size ** 2
         self.weights = pool_weights(self.ps, opts.recipe, opts.task_weights, opts.min_len, opts.max_len)
+        if opts.sources:
+            self.ps, self.weights = with_sources(self.ps, self.weights, [
+                (_source_pools(src, opts.storage_options, tokenizer, self.improc), share)
+                for src, share in opts.sources.items()])
         check_some_fit(self.ps, self.weights, opts)
         self.draws = DrawSequence(self.ps, self.weights, opts.seed)
         self.streams = PoolStream(self.ps, opts.seed)
@@ -318,6 +322,13 @@ def stop_workers(batches) -> None:
         if w.is_alive():
             w.kill()
             w.join(timeout=10)
+
+
+def _source_pools(root: str, storage_options: dict | None, tokenizer, improc: ImageProcessor) -> PoolSet:
+    """The pools of one data.sources directory, which must be built like data.shards (tokenizer, pages)."""
+    index = load_index(root, storage_options)
+    _check_build(index, tokenizer, improc)
+    return PoolSet.from_index(root, index, storage_options)
 
 
 def _check_build(index: dict, tokenizer, improc: ImageProcessor | None) -> None:

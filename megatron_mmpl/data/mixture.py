@@ -125,6 +125,22 @@ def task_shares(tasks: list[str], task_weights: dict[str, float]) -> dict[str, f
     return {t: v / total for t, v in w.items()}
 
 
+def with_sources(ps: PoolSet, weights: np.ndarray, sources: list[tuple[PoolSet, float]]) -> tuple[PoolSet, np.ndarray]:
+    """The main pools at weight (1 - Σ shares) plus each extra source's pools at its token share, split over its
+    pools by their tokens (as the source holds them); pool order: the main's, then each source's."""
+    pools, paths, out = list(ps.pools), list(ps.shard_paths), [np.asarray(weights) * (1 - sum(s for _, s in sources))]
+    for extra, share in sources:
+        base = len(paths)
+        for p in extra.pools:
+            pools.append(Pool(p.bucket, p.task, p.shard + base, p.offset, p.nbytes, p.n_tokens, p.keys))
+        paths += extra.shard_paths
+        tokens = np.array([float(p.n_tokens.sum()) for p in extra.pools])
+        out.append(share * tokens / tokens.sum())
+    merged = PoolSet.__new__(PoolSet)
+    merged.pools, merged.shard_paths, merged.edges = pools, paths, ps.edges
+    return merged, np.concatenate(out)
+
+
 def pool_weights(ps: PoolSet, recipe: str, task_weights: dict[str, float], min_len: int, max_len: int):
     """Token share per pool (index into ps.pools), summing to 1."""
     bshare = bucket_shares(ps, recipe, min_len, max_len)

@@ -12,28 +12,36 @@ from megatron_mmpl.data.tokenizer import load_tokenizer
 from megatron_mmpl.training.signals import helper_process_init
 
 
-def check_data_dir(path: str, spec=None, storage_options: dict | None = None) -> dict:
+def check_data_dir(path: str, spec=None, storage_options: dict | None = None, field: str = "data.shards") -> dict:
     """Fail before any compute when data.shards (a path or URL) is not a built shard dir, or its tokens are not
     the model's."""
 
     if not path or not (is_url(path) or os.path.isdir(path)):
-        raise FileNotFoundError(f"data.shards={path!r} does not exist; build it with `mmpl data build` "
+        raise FileNotFoundError(f"{field}={path!r} does not exist; build it with `mmpl data build` "
                                 "(or `mmpl data synth` for synthetic documents)")
     try:
         index = load_index(path, storage_options)
     except FileNotFoundError:
-        raise FileNotFoundError(f"data.shards={path!r} has no index.json; is it the output dir of `mmpl data build`?"
+        raise FileNotFoundError(f"{field}={path!r} has no index.json; is it the output dir of `mmpl data build`?"
                                 ) from None
     if not index.get("tokenizer_name"):
-        raise ConfigError(f"data.shards={path!r}: index.json names no tokenizer (tokenizer_name)")
+        raise ConfigError(f"{field}={path!r}: index.json names no tokenizer (tokenizer_name)")
     if spec is not None and index.get("special_ids"):
-        check_tokens_match(spec, index["special_ids"], f"data.shards={path!r}")
+        check_tokens_match(spec, index["special_ids"], f"{field}={path!r}")
     return index
 
 
-def check_mixture(data_cfg, index: dict) -> None:
-    """The length recipe and task weights must select something in these shards (one-line error otherwise)."""
+def check_mixture(data_cfg, index: dict, spec=None) -> None:
+    """The length recipe and task weights must select something in these shards, and every data.sources entry
+    must be a shard directory of the same tokens (one-line error otherwise)."""
     from megatron_mmpl.data.mixture import PoolSet, pool_weights
+
+    for src in data_cfg.sources:
+        extra = check_data_dir(src, spec, data_cfg.storage_options, field="data.sources entry")
+        if extra.get("tokenizer") != index.get("tokenizer"):
+            raise ConfigError(f"data.sources entry {src!r} was built with tokenizer {extra.get('tokenizer_name')} "
+                              f"({extra.get('tokenizer')}), data.shards with {index.get('tokenizer_name')} "
+                              f"({index.get('tokenizer')}); build both with the same --tokenizer")
 
     try:
         pool_weights(PoolSet.from_index(data_cfg.shards, index, data_cfg.storage_options), data_cfg.recipe,

@@ -67,7 +67,7 @@ def preflight(cfg: Config, world_size: int):
     validate_layout(cfg, world_size, spec)
     if cfg.model.dtype != "fp32" and not torch.cuda.is_available():
         raise ConfigError(f"model.dtype={cfg.model.dtype} needs a GPU; on CPU set model.dtype=fp32")
-    check_mixture(cfg.data, check_data_dir(cfg.data.shards, spec, cfg.data.storage_options))
+    check_mixture(cfg.data, check_data_dir(cfg.data.shards, spec, cfg.data.storage_options), spec)
     start = plan_start(cfg)
     if start[0] == "model":
         check_matches_checkpoint(spec, cfg.model, start[1])

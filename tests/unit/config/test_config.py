@@ -6,6 +6,7 @@ import typing
 
 import pytest
 
+from megatron_mmpl.cli import main as cli_main
 from megatron_mmpl.config import (
     Config,
     ConfigError,
@@ -132,3 +133,26 @@ def test_missing_recipe_and_bad_yaml(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="model.hf_config='nowhere'"):
         resolve_hf_config(load_config(None, ["model.hf_config=nowhere"]).model)
+
+
+def test_ablation_arms_differ_from_the_main_recipe_only_where_they_say_and_each_plans(tmp_path):
+    """examples/recipes/mmprolong-7b-*.yaml: `base:` the main recipe; same model, budget and optimizer; each fits
+    on the hardware of its `# plan:` header."""
+    main_cfg = load_config(RECIPE)
+    arms = {p: load_config(p) for p in sorted(glob.glob("examples/recipes/mmprolong-7b-*.yaml"))}
+    assert len(arms) == 3
+    changed = {}
+    for path, cfg in arms.items():
+        assert (cfg.model, cfg.optim, cfg.schedule, cfg.parallel) == (main_cfg.model, main_cfg.optim,
+                                                                       main_cfg.schedule, main_cfg.parallel)
+        changed[path.split("-7b-")[1]] = {k: v for k, v in vars(cfg.data).items() if getattr(main_cfg.data, k) != v}
+        assert cli_main(["plan", "--preset", path]) == 0
+    assert changed == {"ocr.yaml": {"shards": "data/mmprolong-ocr-shards", "task_weights": {"ocr_transcribe": 1.0}},
+                       "target128k.yaml": {"recipe": "target:131072"},
+                       "vqa-short.yaml": {"sources": {"data/short-docvqa-shards": 0.2}}}
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="comes back to itself"):
+        load_config(str(tmp_path / "a.yaml"))
+    with pytest.raises(ConfigError, match="data.sources="):
+        validate_config(load_config(RECIPE, ["data.sources={x: 1.5}"]))

@@ -150,3 +150,31 @@ def test_needle_pages_are_separable(shards, tok):
         sat.append(float((rgb.max(0) - rgb.min(0)).max()))
     assert int(np.argmax(sat)) == s.evidence_pages[0] == s.meta["marked_page"]
     assert s.meta["chance"] == 0.25 and s.messages[-1]["content"][0]["text"] in s.meta["choices"]
+
+
+def test_a_second_source_gets_its_token_share_and_resumes_exactly(shards, tok, tmp_path):
+    """data.sources: short samples (another shard directory) mixed in at 25 % of the drawn tokens."""
+    short = make_needle_shards(tmp_path / "short", per_pool=4, targets=(256,), seed=3)
+    short_keys = {k for sh in load_index(short)["shards"] for k, *_ in load_shard_samples(short, sh)}
+    assert short_keys.isdisjoint(k for sh in load_index(shards)["shards"] if sh["bucket"] != "256"
+                                 for k, *_ in load_shard_samples(shards, sh))
+    opts = _opts(shards, num_workers=0, min_len=512, max_len=1024, max_seq_len=2048, sources={str(short): 0.25})
+    loader = build_train_loader(opts, tok, dp_rank=0, dp_size=1)
+    ds = loader.dataset
+    assert len(ds.ps.pools) == 6 + 2 and abs(ds.weights[-2:].sum() - 0.25) < 1e-9
+    tokens = {"short": 0, "main": 0}
+    for i, _ in enumerate(loader):
+        for key, n in zip(loader.last_info["keys"], loader.last_info["lengths"]):
+            tokens["short" if key in short_keys else "main"] += n
+        if i == 59:
+            break
+    share = tokens["short"] / sum(tokens.values())
+    assert 0.17 < share < 0.33, tokens  # 25 % of tokens in expectation; ~100 samples drawn
+    state = loader.state_dict()
+    after = _take(loader, 3)
+    again = build_train_loader(opts, tok, dp_rank=0, dp_size=1)
+    again.load_state_dict(state)
+    assert all(_same(a, b) for a, b in zip(after, _take(again, 3)))
+    bad = _opts(shards, sources={str(tmp_path / "none"): 0.1})
+    with pytest.raises(FileNotFoundError):
+        build_train_loader(bad, tok, dp_rank=0, dp_size=1)
