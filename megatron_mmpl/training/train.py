@@ -193,7 +193,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
             finite = math.isfinite(loss) and waits[2].item() == 0
             if timer is not None:
                 timer.mark("opt0")
-            grad_norm = float("nan")
+            grad_norm, stepped = float("nan"), finite
             if finite:  # a non-finite step is skipped: no update, the scheduler does not advance
                 ok, grad_norm, _ = optimizer.step()
                 if ok:
@@ -213,8 +213,9 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
                        time.perf_counter() - t0, waits[1].item(), timer.seconds() if timer is not None else None,
                        bad=not finite, skipped=skipped)
             if not finite:
+                what = "its gradients were clipped to zero" if stepped else "the optimizer step was skipped"
                 log.print(f"[mmpl train] step {state.step}: non-finite loss or gradient (loss {loss}, grad norm "
-                          f"{grad_norm}); the optimizer step was skipped ({bad_in_row} in a row, "
+                          f"{grad_norm}); {what} ({bad_in_row} in a row, "
                           f"optim.max_bad_steps={cfg.optim.max_bad_steps})")
             if prof is not None and state.step == prof_last:
                 log.print(f"[mmpl train] profile of steps {prof_first}-{prof_last}: "

@@ -26,22 +26,35 @@ def _no_partial(ckpt) -> None:
     assert not [p for p in os.listdir(ckpt) if p.endswith(".partial")], os.listdir(ckpt)
 
 
+def _signal_group_and_check(t: Trainer, sig: int, ckpt) -> list[int]:
+    """Send `sig` to the trainer's whole process group; it must save, exit 0 and leave only verified checkpoints.
+    Returns their steps."""
+    try:
+        os.killpg(t.proc.pid, sig)
+        rc = t.finish()
+    finally:
+        t.kill()
+    assert rc == 0, t.text[-3000:]
+    assert "stop signal: saved step" in t.text and "killed by signal" not in t.text, t.text[-3000:]
+    assert "BrokenPipeError" not in t.text, t.text[-3000:]
+    steps = complete_steps(str(ckpt))
+    for s in steps:
+        verify_checkpoint(str(ckpt / f"iter_{s:07d}"))
+    _no_partial(ckpt)
+    return steps
+
+
 def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_0(tmp_path):
     run = tmp_path / "run"
     t = Trainer(overrides(str(tmp_path), f"run_dir={run}", *LONG))
     try:
         t.wait_line("step 3/")
         assert len(t.group()) >= 3, "the trainer and its two loader workers"
-        os.killpg(t.proc.pid, signal.SIGTERM)
-        rc = t.finish()
-    finally:
+    except BaseException:
         t.kill()
-    assert rc == 0, t.text[-3000:]
-    assert "stop signal: saved step" in t.text and "killed by signal" not in t.text, t.text[-3000:]
-    step = latest_step(str(run / "checkpoints"))
-    assert step is not None and step >= 3
-    verify_checkpoint(str(run / "checkpoints" / f"iter_{step:07d}"))
-    _no_partial(run / "checkpoints")
+        raise
+    steps = _signal_group_and_check(t, signal.SIGTERM, run / "checkpoints")
+    assert steps and steps[-1] >= 3 and latest_step(str(run / "checkpoints")) == steps[-1]
 
 
 def test_sigusr1_to_the_process_group_during_a_save_completes_it_and_exits_0(tmp_path):
@@ -50,17 +63,11 @@ def test_sigusr1_to_the_process_group_during_a_save_completes_it_and_exits_0(tmp
                           "checkpoint.keep_last=0", "data.num_workers=2"))
     try:
         t.wait_path(run / "checkpoints" / "iter_0000002.partial")  # the first save is being written
-        os.killpg(t.proc.pid, signal.SIGUSR1)
-        rc = t.finish()
-    finally:
+    except BaseException:
         t.kill()
-    assert rc == 0, t.text[-3000:]
-    assert "stop signal: saved step" in t.text and "BrokenPipeError" not in t.text, t.text[-3000:]
-    steps = complete_steps(str(run / "checkpoints"))
+        raise
+    steps = _signal_group_and_check(t, signal.SIGUSR1, run / "checkpoints")
     assert steps in ([2], [2, 3]), steps  # the save the signal arrived in finished (then a stop-save at 3)
-    for s in steps:
-        verify_checkpoint(str(run / "checkpoints" / f"iter_{s:07d}"))
-    _no_partial(run / "checkpoints")
 
 
 def test_kill_9_of_the_trainer_leaves_no_process_behind(tmp_path):
