@@ -73,9 +73,12 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
 
 
 def destroy_parallel() -> None:
-    from megatron.core import parallel_state
+    """Undo `initialize_parallel`: megatron's groups, its model-parallel RNG tracker (seeded there; a later model in
+    this process must not draw from it), the process group, the CPU runtime."""
+    from megatron.core import parallel_state, tensor_parallel
 
     parallel_state.destroy_model_parallel()
+    tensor_parallel.get_cuda_rng_tracker().reset()
     if dist.is_initialized():
         dist.destroy_process_group()
     remove_cpu_runtime()

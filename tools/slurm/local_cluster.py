@@ -52,7 +52,7 @@ def _slurm_conf(root: Path, nodes: int, cpus: int, ctld_port: int, node_ports: l
         "SlurmdParameters=config_overrides",
         "ReturnToService=2",
         "MinJobAge=2",
-        "KillWait=30",  # Slurm's default: the grace a preempted job gets between SIGTERM and SIGKILL
+        "KillWait=10",
         "InactiveLimit=0",
         "MessageTimeout=30",
         "SlurmdTimeout=60",

@@ -102,7 +102,6 @@ def test_dropout_only_in_training():
     q, k, v = _qkv(8)
     ref = _reference(q, k, v, [0, 8], True)
     assert (attn.eval()(q, k, v, None) - ref).abs().max() <= TOL
-    torch.manual_seed(0)  # the dropout mask must not depend on what earlier tests left in the global RNG
     assert (attn.train()(q, k, v, None) - ref).abs().max() > 1e-2
 
 
