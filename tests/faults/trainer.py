@@ -95,3 +95,31 @@ class Trainer:
     @property
     def text(self) -> str:
         return "".join(self.lines)
+
+
+def cli_in_a_rank(argv: list[str], setup=None) -> dict:
+    """`mmpl <argv>` in a fresh spawned process (never in pytest's own): its exit code and what it printed.
+
+    In-process trainings left state in the pytest process (gloo listeners, a TCP store, fsspec's event loop
+    stopped seeing a socket), after which a later test's HTTP read hung until aiohttp's timeout. `setup` is an
+    importable function run in that process first (e.g. to patch a hook)."""
+    from megatron_mmpl.parallel.spawn import run_distributed
+
+    (result,) = run_distributed(_cli_rank, 1, list(argv), setup)
+    return result
+
+
+def _cli_rank(argv: list[str], setup) -> dict:
+    import io
+    import warnings
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from megatron_mmpl.cli import main
+
+    warnings.simplefilter("ignore")  # library warnings, which pytest captured when this ran in its process
+    if setup is not None:
+        setup()
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = main(argv)
+    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue()}
