@@ -28,8 +28,8 @@ def _not_a_writer_error(record: logging.LogRecord) -> bool:
 
 
 def install_results_queue(initializer: Callable[[], None]) -> None:
-    """Give megatron's writer its results queue from a Manager whose server runs `initializer` first (once per
-    process; call before the first save)."""
+    """Give megatron's writer its results queue from a Manager whose server runs `initializer` first, and drop its
+    duplicate error log line (once per process; call before the first save)."""
     global _MANAGER
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
