@@ -74,15 +74,27 @@ def check_matches_checkpoint(spec: ModelSpec, model_cfg, load_path: str) -> None
 
 
 def apply_overrides(raw: dict, overrides: dict) -> dict:
-    """config.json dict with `model.hf_overrides` applied (see ModelConfig.hf_overrides)."""
+    """config.json dict with `model.hf_overrides` applied (see ModelConfig.hf_overrides): `section.name` keys and
+    `{section: {name: value}}` both set one field of text_config / vision_config, keeping the section's others.
+    In a flat config.json (Qwen2.5-VL's own: the LM's fields at the top level, no text_config) a text_config.*
+    field is set at the top level, where transformers reads it; creating a text_config there would make
+    transformers ignore the top-level fields and build a default-sized LM."""
     raw = dict(raw)
+    pairs = []
     for key, value in overrides.items():
+        if key in ("text_config", "vision_config") and isinstance(value, dict):
+            pairs += [(f"{key}.{k}", v) for k, v in value.items()]
+        else:
+            pairs.append((key, value))
+    for key, value in pairs:
         section, _, name = key.rpartition(".")
         if not section and isinstance(raw.get("text_config"), dict) and key in raw["text_config"]:
             section, name = "text_config", key
+        if section not in ("", "text_config", "vision_config"):
+            raise ConfigError(f"model.hf_overrides.{key}: only text_config.* and vision_config.* nest")
+        if section == "text_config" and not isinstance(raw.get("text_config"), dict):
+            section = ""  # a flat config.json
         if section:
-            if section not in ("text_config", "vision_config"):
-                raise ConfigError(f"model.hf_overrides.{key}: only text_config.* and vision_config.* nest")
             raw[section] = {**(raw.get(section) or {}), name: value}
         else:
             raw[name] = value

@@ -72,6 +72,48 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
     return layout
 
 
+@dataclass(frozen=True)
+class RankPosition:
+    """Where this rank sits once the groups exist: its coordinate along each parallel dimension and the sizes.
+    Built once (`rank_position`) and passed to what needs it, so nothing downstream reads megatron's globals."""
+
+    layout: Layout
+    dp: int
+    tp_rank: int = 0
+    pp_rank: int = 0
+    cp_rank: int = 0
+    dp_rank: int = 0
+
+    @property
+    def tag(self) -> str:
+        """e.g. 'tp2pp1cp1dp4': names per-rank files that only a run of the same layout may read back."""
+        return f"tp{self.layout.tp}pp{self.layout.pp}cp{self.layout.cp}dp{self.dp}"
+
+    @property
+    def first_of_replica(self) -> bool:
+        """Rank 0 of its model replica (TP, PP and CP rank 0): the one that writes the replica's data state."""
+        return self.tp_rank == 0 and self.pp_rank == 0 and self.cp_rank == 0
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+
+def rank_position() -> RankPosition:
+    """This rank's RankPosition, from megatron's parallel_state (after `initialize_parallel`)."""
+    from megatron.core import parallel_state as ps
+
+    layout = Layout(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                    ps.get_context_parallel_world_size())
+    return RankPosition(layout, ps.get_data_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
+                        ps.get_pipeline_model_parallel_rank(), ps.get_context_parallel_rank(),
+                        ps.get_data_parallel_rank())
+
+
 def destroy_parallel() -> None:
     """Undo `initialize_parallel`: megatron's groups, its model-parallel RNG tracker (seeded there; a later model in
     this process must not draw from it), the process group, the CPU runtime."""

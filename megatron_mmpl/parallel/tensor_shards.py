@@ -52,10 +52,10 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor],
                          rename: Callable[[str], str] = lambda n: n,
                          gated: Callable[[str], bool] = is_gated_fc1) -> None:
     """Copy a full (TP=1) state dict into a TP-sharded model, in place; `rename` maps a local parameter name to
-    its key in `full` (e.g. pipeline-local layer numbers to global ones)."""
-    from megatron.core import parallel_state as ps
-
-    rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    its key in `full` (e.g. pipeline-local layer numbers to global ones). The TP group is the model's own
+    (`model.tp_group`, which megatron's modules carry)."""
+    group = model.tp_group
+    rank, tp = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
     params = dict(model.named_parameters())
     missing = [n for n in params if rename(n) not in full]
     if missing:
@@ -67,10 +67,9 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor],
 
 def gather_full_state_dict(model: torch.nn.Module, grads: bool = False, rename: Callable[[str], str] = lambda n: n,
                            gated: Callable[[str], bool] = is_gated_fc1) -> dict:
-    """Full (TP=1) parameters — or their gradients — of a TP-sharded model, on every rank, keyed by `rename`."""
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_tensor_model_parallel_group()
+    """Full (TP=1) parameters — or their gradients — of a TP-sharded model, on every rank, keyed by `rename`
+    (gathered over the model's own TP group, `model.tp_group`)."""
+    group = model.tp_group
     out = {}
     for n, p in model.named_parameters():
         t = p.grad if grads else p.detach()

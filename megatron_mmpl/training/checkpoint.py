@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from megatron_mmpl.compat.checkpoint_writer import install_results_queue
 from megatron_mmpl.compat.optimizer import allocate_adam_state, skip_adam_step_on_param_state_load, unshare_adam_steps
 from megatron_mmpl.errors import UserError, find_os_error, os_error_line
+from megatron_mmpl.parallel.process_groups import RankPosition
 from megatron_mmpl.storage.atomic import atomic_write, replace_directory
 from megatron_mmpl.storage.checkpoint_dir import (  # noqa: F401 - the trainer reads the layout through this module
     HF_DIR,
@@ -78,13 +79,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _layout_tag() -> str:
-    from megatron.core import parallel_state as ps
-
-    return (f"tp{ps.get_tensor_model_parallel_world_size()}pp{ps.get_pipeline_model_parallel_world_size()}"
-            f"cp{ps.get_context_parallel_world_size()}dp{ps.get_data_parallel_world_size()}")
-
-
 def rng_state() -> dict:
     from megatron.core import tensor_parallel
 
@@ -133,15 +127,17 @@ def start_writer_helper() -> None:
 
 
 def save_checkpoint(root: str, model, optimizer, scheduler, state: TrainState, config_yaml: str,
-                    data_state: dict | None, keep_last: int = 0, hf_side_dir: str | None = None) -> str:
-    """Save a complete checkpoint of step `state.step` (collective: every rank calls it). A failed write (disk
-    full, read-only) removes the `.partial`, keeps the previous checkpoint and raises CheckpointSaveFailed."""
+                    data_state: dict | None, pos: RankPosition, keep_last: int = 0,
+                    hf_side_dir: str | None = None) -> str:
+    """Save a complete checkpoint of step `state.step` (collective: every rank calls it; `pos` is this rank's
+    place, parallel/process_groups.rank_position). A failed write (disk full, read-only) removes the `.partial`,
+    keeps the previous checkpoint and raises CheckpointSaveFailed."""
     start_writer_helper()
     final = iter_dir(root, state.step)
     partial = final + ".partial"
     try:
         _write_checkpoint(root, final, partial, model, optimizer, scheduler, state, config_yaml, data_state,
-                          keep_last, hf_side_dir)
+                          pos, keep_last, hf_side_dir)
     except (Exception, CheckpointException) as e:  # any failed write (torch DCP's error is a BaseException)
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
@@ -164,9 +160,8 @@ def _full_disk(root: str) -> str:
 
 
 def _write_checkpoint(root, final, partial, model, optimizer, scheduler, state, config_yaml, data_state,
-                      keep_last, hf_side_dir) -> None:
+                      pos, keep_last, hf_side_dir) -> None:
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
@@ -185,12 +180,9 @@ def _write_checkpoint(root, final, partial, model, optimizer, scheduler, state, 
         os.makedirs(os.path.join(partial, STATE_DIR), exist_ok=True)
     _barrier()
     # Per-rank pieces that dist_checkpointing's common dict cannot hold (it keeps rank 0's copy only).
-    tag = _layout_tag()
-    torch.save(rng_state(), os.path.join(partial, STATE_DIR, f"rng_{tag}_r{_rank()}.pt"))
-    first_of_replica = (ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
-                        and ps.get_context_parallel_rank() == 0)
-    if data_state is not None and first_of_replica:
-        torch.save(data_state, os.path.join(partial, STATE_DIR, f"data_dp{ps.get_data_parallel_rank()}.pt"))
+    torch.save(rng_state(), os.path.join(partial, STATE_DIR, f"rng_{pos.tag}_r{_rank()}.pt"))
+    if data_state is not None and pos.first_of_replica:
+        torch.save(data_state, os.path.join(partial, STATE_DIR, f"data_dp{pos.dp_rank}.pt"))
     _barrier()
     digests = hash_shared(partial)  # collective: each rank hashes its share of the files, rank 0 gets all
     if _rank() == 0:
@@ -207,7 +199,7 @@ def _write_checkpoint(root, final, partial, model, optimizer, scheduler, state, 
     _barrier()
 
 
-def resume(root: str, model, optimizer, scheduler, on_corrupt: str = "fallback",
+def resume(root: str, model, optimizer, scheduler, pos: RankPosition, on_corrupt: str = "fallback",
            strict: bool = False) -> tuple[TrainState, dict | None]:
     """Restore model, optimizer, scheduler, counters and RNG from the newest checkpoint in `root` that verifies
     and loads on every rank (older ones are tried after one warning line each; on_corrupt="fail" raises instead).
@@ -220,7 +212,7 @@ def resume(root: str, model, optimizer, scheduler, on_corrupt: str = "fallback",
     for i, step in enumerate(candidates):
         path = iter_dir(root, step)
         try:
-            loaded = _read_checkpoint(path, model, optimizer)
+            loaded = _read_checkpoint(path, model, optimizer, pos)
         except CheckpointCorrupt as e:
             if on_corrupt == "fail":
                 raise CheckpointCorrupt(f"{e}; set checkpoint.on_corrupt=fallback to resume from an older "
@@ -229,17 +221,16 @@ def resume(root: str, model, optimizer, scheduler, on_corrupt: str = "fallback",
             if _rank() == 0:
                 log.warning("%s; skipping it, %s", e, older)
             continue
-        return _apply(loaded, path, model, optimizer, scheduler, strict)
+        return _apply(loaded, path, model, optimizer, scheduler, pos, strict)
     raise CheckpointCorrupt(f"no usable checkpoint in {root} (all {len(candidates)} are corrupt, see the warnings "
                             "above); restore one, or move them away to start from checkpoint.load")
 
 
-def _read_checkpoint(path: str, model, optimizer) -> dict:
+def _read_checkpoint(path: str, model, optimizer, pos: RankPosition) -> dict:
     """Verify and read everything this rank needs from checkpoint `path` (nothing is applied yet); any rank's
     failure raises CheckpointCorrupt on all ranks. (A checkpoint without manifest that fails inside megatron's
     collective load on some ranks only can still hang the others: manifests catch such damage before loading.)"""
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
     verify_checkpoint(path)
     reason, out = None, {}
@@ -258,8 +249,8 @@ def _read_checkpoint(path: str, model, optimizer) -> dict:
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure to read it makes it unusable
             reason = f"corrupt checkpoint: {path} does not load ({_one_line(e)})"
     state_dir = os.path.join(path, STATE_DIR)
-    files = {"rng": os.path.join(state_dir, f"rng_{_layout_tag()}_r{_rank()}.pt"),
-             "data": os.path.join(state_dir, f"data_dp{ps.get_data_parallel_rank()}.pt")}
+    files = {"rng": os.path.join(state_dir, f"rng_{pos.tag}_r{_rank()}.pt"),
+             "data": os.path.join(state_dir, f"data_dp{pos.dp_rank}.pt")}
     for key, file in files.items():
         if reason is None and os.path.isfile(file):
             try:
@@ -282,17 +273,16 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
-def _apply(loaded: dict, path: str, model, optimizer, scheduler, strict: bool) -> tuple[TrainState, dict | None]:
+def _apply(loaded: dict, path: str, model, optimizer, scheduler, pos: RankPosition,
+           strict: bool) -> tuple[TrainState, dict | None]:
     """Put what `_read_checkpoint` read into the model, optimizer, scheduler and RNG; check the loader state."""
-    from megatron.core import parallel_state as ps
-
     module = model.module if hasattr(model, "module") else model
     state_dir = os.path.join(path, STATE_DIR)
     saved_dp = len([f for f in os.listdir(state_dir) if f.startswith("data_dp")])
-    if saved_dp and saved_dp != ps.get_data_parallel_world_size():
+    if saved_dp and saved_dp != pos.dp:
         raise ValueError(
             f"checkpoint {path} was saved with data-parallel size {saved_dp}, this run has "
-            f"{ps.get_data_parallel_world_size()}; the data-loader state is per data-parallel rank, so resume "
+            f"{pos.dp}; the data-loader state is per data-parallel rank, so resume "
             f"with world size = {saved_dp}·tp·pp·cp"
         )
     absent = [loaded[f"{k}_file"] for k in ("rng", "data") if k not in loaded]
@@ -302,7 +292,7 @@ def _apply(loaded: dict, path: str, model, optimizer, scheduler, strict: bool) -
                                 "be exact; set checkpoint.strict_resume=false to resume anyway")
     if missing and _rank() == 0:
         log.warning("resume from %s is not exact: %s (RNG state is per layout %s; loader state per data-parallel "
-                    "rank)", path, missing, _layout_tag())
+                    "rank)", path, missing, pos.tag)
     loaded_dist = loaded["dist"]
     module.load_state_dict(loaded_dist["model"], strict=True)
     skip_adam_step_on_param_state_load(optimizer)

@@ -45,11 +45,9 @@ def use_expandable_segments() -> None:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
-def planned_vs_measured(plan) -> str:
-    """One log line: the planner's peak for this rank's stage beside the allocator's measured peak."""
-    from megatron.core import parallel_state as ps
-
-    stage = plan.stages[ps.get_pipeline_model_parallel_rank()] if plan is not None else None
+def planned_vs_measured(plan, pp_rank: int) -> str:
+    """One log line: the planner's peak for this rank's pipeline stage beside the allocator's measured peak."""
+    stage = plan.stages[pp_rank] if plan is not None else None
     got = torch.cuda.max_memory_allocated() / GiB
     reserved = torch.cuda.max_memory_reserved() / GiB
     if stage is None:

@@ -20,7 +20,7 @@ from megatron_mmpl.config import Config, ConfigError, dump_yaml, train_steps, va
 from megatron_mmpl.config.hf_config import check_matches_checkpoint, resolve_hf_config
 from megatron_mmpl.errors import UserError
 from megatron_mmpl.models.qwen25vl.spec import ModelSpec
-from megatron_mmpl.parallel.process_groups import initialize_parallel
+from megatron_mmpl.parallel.process_groups import initialize_parallel, rank_position
 from megatron_mmpl.plan.memory import checkpoint_bytes
 from megatron_mmpl.storage.checkpoint_dir import check_free_space, clean_stale
 from megatron_mmpl.storage.run_lock import RunLock
@@ -78,7 +78,6 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     """Run (or resume) the training job described by `cfg`; `max_steps` stops early (tests: N of 2N steps).
     Rank 0 locks run_dir (storage/run_lock.py); when that fails it raises at once and exits non-zero, and torchrun
     tears the other ranks down."""
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -97,7 +96,8 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     layout = initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.seed, timeout_s=p.timeout_s)
     ckpt.start_writer_helper()  # now, so that a stop-save does not wait for its start
     memory_plan = plan_this_run(cfg, spec, world_size)  # resolves model.recompute=auto; refuses what cannot fit
-    rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    pos = rank_position()  # this rank's coordinates, passed to what needs them
+    rank, dp, dp_rank = dist.get_rank(), pos.dp, pos.dp_rank
     num_microbatches = d.global_batch_size // (d.micro_batch_size * dp)
     total_steps = train_steps(cfg)
     config_yaml = dump_yaml(cfg)
@@ -125,19 +125,17 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     # State: resume everything, or start at step 0.
     state, data_state = ckpt.TrainState(), None
     if start_kind == "resume":
-        state, data_state = ckpt.resume(start_path, model, optimizer, scheduler, cfg.checkpoint.on_corrupt,
+        state, data_state = ckpt.resume(start_path, model, optimizer, scheduler, pos, cfg.checkpoint.on_corrupt,
                                         cfg.checkpoint.strict_resume)
 
     # Data: this data-parallel rank's packed micro-batches (TP/PP/CP peers read the same ones).
     seq_multiple = p.pad_multiple
     batches = open_batches(cfg, hf, dp_rank=dp_rank, dp_size=dp, state=data_state, pad_multiple=seq_multiple)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    first_of_replica = (ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
-                        and ps.get_context_parallel_rank() == 0)
-    step_fn = ForwardStep(module, FlopModel(spec), device, DTYPES[cfg.model.dtype], first_of_replica,
-                          cp_rank=ps.get_context_parallel_rank(), cp_size=p.cp, seq_multiple=seq_multiple)
+    step_fn = ForwardStep(module, FlopModel(spec), device, DTYPES[cfg.model.dtype], pos.first_of_replica,
+                          cp_rank=pos.cp_rank, cp_size=p.cp, seq_multiple=seq_multiple)
     forward_backward = get_forward_backward_func()
-    loss_reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    loss_reporter = pos.last_stage and pos.tp_rank == 0
 
     log = RunLogger(cfg, writer=rank == 0, total_steps=total_steps, start_step=state.step)
     log.print(f"[mmpl train] {start_kind} at step {state.step}/{total_steps}: world {world_size} = "
@@ -182,7 +180,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
             loss_pair = torch.stack([r["lm loss"] for r in reports]).sum(0).cpu() if loss_reporter and reports \
                 else torch.zeros(2)
             s = step_fn.stats
-            skips = _loader_skips(batches) if first_of_replica else [0.0, 0.0]
+            skips = _loader_skips(batches) if pos.first_of_replica else [0.0, 0.0]
             totals = torch.cat([loss_pair.double().cpu(), torch.tensor([s.tokens, s.lm_flops, s.vit_flops, *skips],
                                                                        dtype=torch.float64)])
             waits = torch.tensor([s.data_wait, _max_memory_gib(), 0.0 if _all_finite(model, "grad") else 1.0],
@@ -223,7 +221,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
                 prof = None
             log.advance(state.step, loss)
             if state.step == min(memory_step, end) and torch.cuda.is_available():
-                log.print(f"[mmpl train] {planned_vs_measured(memory_plan)}")
+                log.print(f"[mmpl train] {planned_vs_measured(memory_plan, pos.pp_rank)}")
             if state.step % cfg.logging.interval == 0 or state.step == end:
                 log.log(state.step, window.metrics(lr, world_size, peak))
                 window = _Window()
@@ -240,7 +238,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
                     raise NonFiniteSteps(f"step {state.step}: the weights hold NaN/Inf; not saving them (the "
                                          f"newest checkpoint is {_newest(cfg)})")
                 result.checkpoint = _save(cfg, model, optimizer, scheduler, state, config_yaml, batches,
-                                          hf_side_dir)
+                                          hf_side_dir, pos)
                 save_due = False
             if stop:
                 result.stopped_by_signal = True
@@ -271,9 +269,9 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     return result
 
 
-def _save(cfg, model, optimizer, scheduler, state, config_yaml, batches, hf_side_dir) -> str:
+def _save(cfg, model, optimizer, scheduler, state, config_yaml, batches, hf_side_dir, pos) -> str:
     data_state = batches.state_dict() if hasattr(batches, "state_dict") else None
-    return ckpt.save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, state, config_yaml, data_state,
+    return ckpt.save_checkpoint(cfg.checkpoint_dir, model, optimizer, scheduler, state, config_yaml, data_state, pos,
                                 keep_last=cfg.checkpoint.keep_last, hf_side_dir=hf_side_dir)
 
 

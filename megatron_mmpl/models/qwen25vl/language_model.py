@@ -13,7 +13,6 @@ Under sequence parallelism every position is kept (TP ranks hold different posit
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from torch.utils.checkpoint import checkpoint
 
@@ -31,7 +30,8 @@ class LanguageModel(GPTModel):
             return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         if self.output_layer.sequence_parallel:
-            return chunked_token_loss(hidden_states, labels, self._chunk_loss, weight, chunk, sequence_parallel=True)
+            return chunked_token_loss(hidden_states, labels, self._chunk_loss, weight, chunk,
+                                      sp_ranks=self.config.tensor_model_parallel_size)
         return supervised_token_loss(hidden_states, labels, self._chunk_loss, weight, chunk)
 
     def _chunk_loss(self, hidden: torch.Tensor, labels: torch.Tensor, weight) -> torch.Tensor:
@@ -41,21 +41,20 @@ class LanguageModel(GPTModel):
 
 
 def chunked_token_loss(hidden: torch.Tensor, labels: torch.Tensor, chunk_loss, weight, chunk: int,
-                       sequence_parallel: bool = False) -> torch.Tensor:
+                       sp_ranks: int = 1) -> torch.Tensor:
     """Per-token loss [b, s] from hidden [s_local, b, h] and labels [b, s], `chunk` local positions at a time.
 
-    Under sequence parallelism each TP rank holds a contiguous 1/tp of the sequence and the output layer
-    all-gathers its input, so local chunk j of every rank becomes one gathered chunk: labels and losses are
-    indexed accordingly.
+    Under sequence parallelism over `sp_ranks` TP ranks each holds a contiguous 1/sp_ranks of the sequence and
+    the output layer all-gathers its input, so local chunk j of every rank becomes one gathered chunk: labels and
+    losses are indexed accordingly.
     """
     s_local = hidden.shape[0]
-    tp = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
     if s_local <= chunk:
         return chunk_loss(hidden, labels, weight).float()
     out = torch.empty_like(labels, dtype=torch.float32)
     for start in range(0, s_local, chunk):
         stop = min(start + chunk, s_local)
-        idx = torch.cat([torch.arange(start, stop) + r * s_local for r in range(tp)]).to(labels.device)
+        idx = torch.cat([torch.arange(start, stop) + r * s_local for r in range(sp_ranks)]).to(labels.device)
         loss = checkpoint(chunk_loss, hidden[start:stop], labels[:, idx], weight, use_reentrant=False)
         out = out.index_copy(1, idx, loss.float())
     return out

@@ -60,6 +60,7 @@ class Qwen25VLModel(MegatronModule):
         self.dummy_vision_on_text_only = True
         # The context-parallel group (None: CP=1): its ranks share the ViT's images (encode_vision_over_cp).
         self.cp_group = cp_group
+        self.tp_group = self.language_model.tp_group  # what parallel/tensor_shards.py shards full weights over
 
     # Pipeline-schedule plumbing, delegated to the GPTModel.
     def set_input_tensor(self, input_tensor) -> None:

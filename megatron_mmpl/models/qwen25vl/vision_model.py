@@ -1,5 +1,6 @@
-"""The Qwen2.5-VL vision tower on megatron modules: Conv3d patch embed → TransformerBlock (window / full
-attention, 2D RoPE) → final RMSNorm → patch merger (m×m patches → one LM token, 2-layer MLP).
+"""The Qwen2.5-VL vision tower on megatron modules: patch embed (a Conv3d's weight, run as one GEMM) →
+TransformerBlock (window / full attention, 2D RoPE) → final RMSNorm → patch merger (m×m patches → one LM token,
+2-layer MLP).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Qwen25VisionModel(MegatronModule):
         super().__init__(config=config)
         self.dims = dims
         k = (dims.temporal_patch_size, dims.patch_size, dims.patch_size)
-        self.patch_embed = torch.nn.Conv3d(
+        self.patch_embed = PatchEmbed(
             dims.in_channels, config.hidden_size, kernel_size=k, stride=k, bias=False, dtype=config.params_dtype
         )
         # final_layernorm of the block is the merger's norm (applied per patch before merging).
@@ -73,12 +74,8 @@ class Qwen25VisionModel(MegatronModule):
         return self._encode(pixel_values, grid_thw)
 
     def _encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        d, unit = self.dims, self.merge_unit
-        n = pixel_values.shape[0]
-        x = pixel_values.to(self.patch_embed.weight.dtype).view(
-            n, d.in_channels, d.temporal_patch_size, d.patch_size, d.patch_size
-        )
-        x = self.patch_embed(x).view(n, -1)  # [n, h]
+        n, unit = pixel_values.shape[0], self.merge_unit
+        x = self.patch_embed(pixel_values)  # [n, h]
         order, perm, unperm, rope, segs = self.window_layout(grid_thw, x.device)
         h = self.decoder(permute_rows(x, perm, unperm)[:, None, :], attention_mask=None, rotary_pos_emb=rope,
                          packed_seq_params=segs)
@@ -97,6 +94,17 @@ class Qwen25VisionModel(MegatronModule):
         rope = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [n, 1, 1, head_dim]
         segs = VisionSegments(window=packed_seq_params(cu_window), full=packed_seq_params(frame_cu_seqlens(grid_thw)))
         return order, *(to_device(t, device) for t in (perm, torch.argsort(perm), rope)), segs
+
+
+class PatchEmbed(torch.nn.Conv3d):
+    """HF's patch Conv3d (kernel = stride, so each patch is one dot product per channel), run as one GEMM on the
+    flattened patches [n, C·T·P·P] → [n, h]. The weight keeps the Conv3d's shape and name, so checkpoints and the
+    HF mapping are unchanged. Why: cuDNN has no fast algorithm for this degenerate 3D convolution in bf16 (its
+    forward and weight gradient; `benchmarks/bench_vit_tower.py` times both forms)."""
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return torch.nn.functional.linear(pixel_values.to(w.dtype), w.view(w.shape[0], -1))
 
 
 def image_chunks(grid_thw: torch.Tensor, max_patches: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:

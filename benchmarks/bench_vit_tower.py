@@ -1,0 +1,129 @@
+"""The Qwen2.5-VL ViT tower alone at the 32K job's shape on one GPU, bf16: forward + backward time, TFLOP/s, MFU,
+and a torch.profiler table of its top kernels; plus the patch embedding as HF's Conv3d vs one GEMM.
+
+The tower is the trainer's (models/qwen25vl/vision_model.py built by build_model, fused kernels, the trainer's
+default `model.vit_recompute`); the input is 26 page images of 80×62 patches (the 32K text-page samples of
+bench_e2e.py), random pixels (the tower's cost does not depend on them). FLOPs: training/flops.py's ViT count.
+
+    python benchmarks/bench_vit_tower.py [--model qwen25vl-3b] [--images 26] [--grid 80 62] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def timed(fn, warmup: int = 2, reps: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps / 1e3
+
+
+def patch_embed_forms(vit, n: int) -> None:
+    """HF's Conv3d on [n, C, T, P, P] vs F.linear on [n, C·T·P·P] with the same weight (forward + weight grad)."""
+    w = vit.patch_embed.weight.detach().clone().requires_grad_(True)
+    d = vit.dims
+    x = torch.randn(n, d.patch_dim, device="cuda", dtype=w.dtype)
+    dy = torch.randn(n, w.shape[0], device="cuda", dtype=w.dtype)
+
+    def conv():
+        y = F.conv3d(x.view(n, d.in_channels, d.temporal_patch_size, d.patch_size, d.patch_size), w,
+                     stride=w.shape[2:]).view(n, -1)
+        y.backward(dy)
+
+    def gemm():
+        F.linear(x, w.view(w.shape[0], -1)).backward(dy)
+
+    y_conv = F.conv3d(x.view(n, d.in_channels, d.temporal_patch_size, d.patch_size, d.patch_size), w,
+                      stride=w.shape[2:]).view(n, -1)
+    err = (y_conv.float() - F.linear(x, w.view(w.shape[0], -1)).float()).abs().max().item()
+    t_gemm = timed(gemm)
+    t_conv = timed(conv, warmup=1, reps=2)
+    print(f"patch embed, {n} patches, fwd + weight grad: Conv3d {t_conv * 1e3:.2f} ms, GEMM {t_gemm * 1e3:.2f} ms "
+          f"({t_conv / t_gemm:.1f}x), max |Δ| of outputs {err:.2e}")
+
+
+def run_mode(args, cfg, spec, layout, grid, flops: float, peak: float | None, first: bool) -> None:
+    """Time (and on the first mode, profile) the tower built under cfg.model.vit_recompute."""
+    from megatron_mmpl.training.model_provider import build_model_chunk
+
+    mode = cfg.model.vit_recompute
+    vit = build_model_chunk(cfg, spec, layout).vision_model
+    vit.train()
+    n = int(grid.prod(-1).sum())
+    if first:
+        patch_embed_forms(vit, n)
+    pixels = torch.randn(n, spec.vision.patch_dim, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(n // vit.merge_unit, spec.hidden, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        vit(pixels, grid).backward(dy)
+
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        sec = timed(step, warmup=1, reps=3)
+        with torch.no_grad():
+            fwd = timed(lambda: vit(pixels, grid), warmup=1, reps=3)
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    except torch.OutOfMemoryError:
+        print(f"vit_recompute={mode}: out of memory")
+        return
+    mfu = f", MFU {flops / sec / 1e12 / peak:.1%}" if peak else ""
+    print(f"vit_recompute={mode}: fwd+bwd {sec:.3f} s, {flops / sec / 1e12:.0f} TFLOP/s{mfu}, peak {peak_gib:.1f} "
+          f"GiB; forward alone (no grad) {fwd:.3f} s, {flops / 3 / fwd / 1e12:.0f} TFLOP/s")
+    if args.profile and first:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=80))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="qwen25vl-3b")
+    p.add_argument("--images", type=int, default=26)
+    p.add_argument("--grid", type=int, nargs=2, default=[80, 62], help="patches per image (h w)")
+    p.add_argument("--recompute", nargs="+", default=["chunked", "none"], help="model.vit_recompute values")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of one forward + backward")
+    args = p.parse_args()
+
+    from megatron_mmpl.config import load_config
+    from megatron_mmpl.config.hf_config import resolve_hf_config
+    from megatron_mmpl.models.qwen25vl.spec import ModelSpec
+    from megatron_mmpl.parallel.process_groups import destroy_parallel, initialize_parallel
+    from megatron_mmpl.training.flops import FlopModel, peak_tflops
+
+    os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    cfg = load_config(None, [f"model.hf_config={args.model}", "model.dtype=bf16", "model.recompute=none",
+                             "model.hf_overrides={text_config.num_hidden_layers: 1}"])
+    spec = ModelSpec.from_hf(resolve_hf_config(cfg.model))
+    layout = initialize_parallel()
+    grid = torch.tensor([[1, *args.grid]] * args.images)
+    n = int(grid.prod(-1).sum())
+    flops = FlopModel(spec).vit_flops(grid.tolist())
+    peak = peak_tflops(None)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model} ViT "
+          f"({spec.vision.depth} blocks), {args.images} images of {args.grid[0]}x{args.grid[1]} = {n} patches, "
+          f"{flops / 1e12:.1f} TFLOP per fwd+bwd")
+    for mode in args.recompute:
+        cfg.model.vit_recompute = mode
+        run_mode(args, cfg, spec, layout, grid, flops, peak, first=mode == args.recompute[0])
+        torch.cuda.empty_cache()
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
