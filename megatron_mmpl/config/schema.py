@@ -30,9 +30,14 @@ class ModelConfig:
     freeze_llm: bool = False
     """Freeze the language model (embedding, decoder, output layer)."""
     recompute: str = "auto"
-    """LM activation recompute: auto | none | selective (core attention only) | full (whole layers). auto: on a
-    GPU the fastest policy the memory planner says fits this GPU (none, else full with `recompute_method=block`
-    on as few layers as fit, else uniform over all); on CPU none. The trainer logs the choice."""
+    """LM activation recompute: auto | none | selective (the `recompute_modules` of every layer) | full (whole
+    layers). auto: on a GPU the cheapest policy the memory planner says fits this GPU — none, then by the
+    forward FLOPs each rebuilds: full on the first k layers (`recompute_method=block`), selective MLP + norms,
+    full on every layer — on CPU none. The trainer logs the choice."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """With recompute=selective, megatron's recompute_modules: any of core_attn (SDPA: saves little memory, costly
+    at long context) | mlp (fc1, SwiGLU, fc2: about two thirds of an LM layer's activations for under half of its
+    forward FLOPs at 32K)."""
     recompute_method: str = "uniform"
     """With recompute=full, megatron's method: uniform (every layer, in chunks of recompute_num_layers) | block
     (only the first recompute_num_layers layers of each pipeline stage; the rest keep their activations)."""

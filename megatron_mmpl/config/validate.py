@@ -21,6 +21,11 @@ _CHOICES = {
 }
 
 
+# megatron's recompute_modules for the dense layers this trainer builds; not "layernorm": megatron-core 0.16.1's
+# CheckpointWithoutOutput takes its fp8 path whenever it is built (`fp8 is not None`), which needs Transformer Engine
+RECOMPUTE_MODULES = ("core_attn", "mlp")
+
+
 def _get(cfg, dotted: str):
     obj = cfg
     for part in dotted.split("."):
@@ -33,6 +38,10 @@ def validate_config(cfg: Config) -> None:
     for name, choices in _CHOICES.items():
         if _get(cfg, name) not in choices:
             raise ConfigError(f"{name}={_get(cfg, name)!r} must be one of {' | '.join(choices)}")
+    modules = cfg.model.recompute_modules
+    if cfg.model.recompute == "selective" and (not modules or set(modules) - set(RECOMPUTE_MODULES)):
+        raise ConfigError(f"model.recompute_modules={modules} must be a non-empty list of "
+                          f"{' | '.join(RECOMPUTE_MODULES)}")
     positive = ("parallel.tp", "parallel.pp", "parallel.cp", "data.micro_batch_size", "data.global_batch_size",
                 "data.max_seq_len", "data.min_len", "checkpoint.interval", "logging.interval",
                 "model.recompute_num_layers", "model.vit_chunk_patches", "optim.max_bad_steps", "parallel.timeout_s")

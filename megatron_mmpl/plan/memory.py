@@ -100,7 +100,7 @@ def checkpoint_bytes(m: ModelSpec, dtype: str) -> int:
 
 def layer_activation_bytes(h: int, heads: int, kv: int, ffn: int, head_dim: int, tp: int, sp: bool,
                            recompute: str, elem: int = 2, cp_gathered: bool = False, cuda: bool = True,
-                           gathered: bool = False) -> float:
+                           gathered: bool = False, modules: tuple[str, ...] = ("core_attn",)) -> float:
     """Bytes one transformer layer (LM or ViT block, as this trainer builds them) keeps for backward per token of
     the rank's sequence (the whole row, or its CP share; sequence parallel shards only the norm regions),
     K/V of the CP all-gather excluded (see `gathered_kv_bytes`). q = heads·head_dim; kv = groups·head_dim.
@@ -117,9 +117,11 @@ def layer_activation_bytes(h: int, heads: int, kv: int, ffn: int, head_dim: int,
       fp32: log-sum-exp heads/tp, RMSNorm rstd 2/sp; unfused RoPE (CPU) its cos/sin for q and k
         4·head_dim; CPU's composite RMSNorm its x·rstd 2h/sp. On CUDA the RoPE kernel keeps only the shared
         position table (counted once per model, not here).
-      selective = none − SDPA output q − log-sum-exp (megatron's core-attention recompute; its inputs are q/k/v
-                  as they come out of RoPE, so the buffer accounting applies even for gathered blocks)
-      full      = elem·h/sp per recompute chunk (only the chunk's input is kept)
+      selective: megatron's `modules` of the layer are rebuilt in the backward —
+        core_attn: − SDPA output q − log-sum-exp (its inputs are q/k/v as they come out of RoPE, so the buffer
+          accounting applies even for gathered blocks);
+        mlp: − the MLP's own tensors (its checkpoint keeps only its input, the norm output counted above);
+      full = elem·h/sp per recompute chunk (only the chunk's input is kept)
     Under CP (`cp_gathered`) K/V are all-gathered and the gathered copies are kept instead of the local QKV
     buffer and RoPE'd k (derived, not measured). Assumes no dropout (Qwen2.5-VL has none).
     """
@@ -127,27 +129,27 @@ def layer_activation_bytes(h: int, heads: int, kv: int, ffn: int, head_dim: int,
     q = heads * head_dim
     if recompute == "full":
         return elem * h / sp_div
+    mods = set(modules) if recompute == "selective" else set()
     if cp_gathered:
         qkv = q
-    elif gathered and recompute != "selective":
+    elif gathered and "core_attn" not in mods:
         qkv = q + 2 * kv
     else:
         qkv = q + kv + (q + 2 * kv)
-    mlp = (3 if cuda else 5) * ffn
-    elems = 4 * h / sp_div + (qkv + 2 * q + mlp) / tp
-    if not cuda:
-        elems += 2 * h / sp_div
+    mlp = 0 if "mlp" in mods else (3 if cuda else 5) * ffn
+    elems = (4 if cuda else 6) * h / sp_div + (qkv + 2 * q + mlp) / tp
     extra = 4 * (heads / tp + 2 / sp_div) + (0 if cuda else 4 * 4 * head_dim)
-    if recompute == "selective":
-        return elem * (elems - q / tp) + extra - 4 * heads / tp
+    if "core_attn" in mods:
+        elems -= q / tp
+        extra -= 4 * heads / tp
     return elem * elems + extra
 
 
 def lm_layer_activation_bytes(m: ModelSpec, tp: int, sp: bool, recompute: str, elem: int = 2, cp: int = 1,
-                              cuda: bool = True) -> float:
+                              cuda: bool = True, modules: tuple[str, ...] = ("core_attn",)) -> float:
     """`layer_activation_bytes` at the LM's shape, per local token."""
     return layer_activation_bytes(m.hidden, m.heads, m.kv_groups * m.head_dim, m.ffn, m.head_dim, tp, sp, recompute,
-                                  elem, cp > 1, cuda)
+                                  elem, cp > 1, cuda, modules=modules)
 
 
 def gathered_kv_bytes(m: ModelSpec, tp: int, elem: int = 2) -> float:
@@ -249,16 +251,39 @@ def resolved_recompute(cfg: Config) -> str:
     return cfg.model.recompute
 
 
+SELECTIVE_MLP = ("mlp",)  # the selective policy auto tries: attention and norms kept, the MLP rebuilt
+
+
 def recompute_candidates(cfg: Config, m: ModelSpec) -> list[dict]:
-    """LM recompute settings from fastest to leanest: none, full on the first k layers of each stage (block),
-    full on every layer (uniform)."""
+    """LM recompute settings, cheapest first by the forward FLOPs each rebuilds per token of a row of
+    data.max_seq_len (`rebuilt_flops`): none; full on the first k layers of each stage (block); selective MLP
+    on every layer; full on every layer (uniform). Memory falls along each family; auto takes the first
+    that fits."""
     p = cfg.parallel
     most = p.first_stage_layers if (p.pp > 1 and p.first_stage_layers) else -(-m.layers // p.pp)
     if p.pp > 1:
         most = max(most, (m.layers - (p.first_stage_layers or m.layers // p.pp)) // (p.pp - 1))
     out = [dict(recompute="none")]
     out += [dict(recompute="full", recompute_method="block", recompute_num_layers=k) for k in range(1, most)]
-    return out + [dict(recompute="full", recompute_method="uniform", recompute_num_layers=1)]
+    out += [dict(recompute="selective", recompute_modules=list(SELECTIVE_MLP))]
+    out += [dict(recompute="full", recompute_method="uniform", recompute_num_layers=1)]
+    cost = {id(c): rebuilt_flops(c, m, cfg.data.max_seq_len, most) for c in out}
+    return sorted(out, key=lambda c: cost[id(c)])  # stable: equal costs keep the order above
+
+
+def rebuilt_flops(setting: dict, m: ModelSpec, seq: int, layers: int) -> float:
+    """Forward FLOPs per token that a recompute setting reruns in the backward on a stage of `layers` layers
+    (one causal sample filling the row: attention 2·q·seq per token and layer)."""
+    mlp = 2 * 3 * m.hidden * m.ffn
+    attn_linear = 2 * m.hidden * (2 * m.q_dim + 2 * m.kv_dim)
+    core = 2 * m.q_dim * seq
+    if setting["recompute"] == "none":
+        return 0.0
+    if setting["recompute"] == "selective":
+        mods = setting.get("recompute_modules", ["core_attn"])
+        return layers * (("mlp" in mods) * mlp + ("core_attn" in mods) * core)
+    k = setting["recompute_num_layers"] if setting.get("recompute_method") == "block" else layers
+    return min(k, layers) * (mlp + attn_linear + core)
 
 
 def choose_recompute(cfg: Config, hw: Hardware, m: ModelSpec) -> tuple[Config, str]:
@@ -280,6 +305,8 @@ def choose_recompute(cfg: Config, hw: Hardware, m: ModelSpec) -> tuple[Config, s
 
 def recompute_label(cfg: Config) -> str:
     mc = cfg.model
+    if mc.recompute == "selective":
+        return f"selective ({', '.join(mc.recompute_modules)})"
     if mc.recompute != "full":
         return mc.recompute
     if mc.recompute_method == "block":
@@ -356,7 +383,9 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelSpec | No
             kept = math.ceil(n_layers / mc.recompute_num_layers) * full_b
             rebuilt = min(mc.recompute_num_layers, n_layers)
         else:
-            kept = n_layers * (lm_layer_activation_bytes(m, tp, sp, recompute, elem, cp) * local + kv_full)
+            modules = tuple(mc.recompute_modules)
+            kept = n_layers * (lm_layer_activation_bytes(m, tp, sp, recompute, elem, cp, modules=modules) * local
+                               + kv_full)
             rebuilt = 0
         st.terms["activations"] = kept * in_flight
         # Working set of the LM backward: the layers being rebuilt plus one layer's gradient temporaries; on the
@@ -398,7 +427,7 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelSpec | No
         train_steps=steps, warmup_steps=warmup_steps(cfg), train_tokens=cfg.schedule.train_tokens,
     )
     plan.model_settings = {k: getattr(mc, k) for k in ("recompute", "recompute_method", "recompute_num_layers",
-                                                       "vit_recompute")}
+                                                       "recompute_modules", "vit_recompute")}
     if pp > 1 and micro_batches < pp:
         plan.notes.append(f"{micro_batches} micro-batches per step for {pp} pipeline stages: most of each step is "
                           f"pipeline bubble; raise data.global_batch_size to >= {pp * rows * dp}")

@@ -22,7 +22,7 @@ def transformer_overrides(cfg: Config) -> tuple[dict, dict, dict]:
             raise ValueError("model.recompute=auto must be resolved before the model is built (training/memory.py)")
         recompute = "none"  # on CPU auto means no recompute, as in train()
     if recompute == "selective":
-        lm.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+        lm.update(recompute_granularity="selective", recompute_modules=list(m.recompute_modules))
     elif recompute == "full":
         lm.update(recompute_granularity="full", recompute_method=m.recompute_method,
                   recompute_num_layers=m.recompute_num_layers)

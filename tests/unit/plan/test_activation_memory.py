@@ -1,12 +1,14 @@
 """The planner's per-layer activation formula equals, to the byte, what autograd keeps for one real LM layer and
 one ViT block of this trainer (megatron local layer + CoreAttention), at TP=2 with sequence parallel (LM), for
-recompute none / selective / full; fp32 on CPU (unfused kernels: cuda=False). On a GPU: the same at the
-Qwen2.5-VL-7B shapes in bf16 with cuda=True (flash/cuDNN attention, CUDA rms_norm, fused SwiGLU, compiled RoPE)."""
+recompute none / selective (core attention; MLP) / full; fp32 on CPU (unfused kernels: cuda=False). On a GPU: the
+same at the Qwen2.5-VL-7B shapes in bf16 with cuda=True (flash/cuDNN attention, CUDA rms_norm, fused SwiGLU,
+compiled RoPE)."""
 
 import pytest
 import torch
 
 from megatron_mmpl.parallel.spawn import run_distributed
+from megatron_mmpl.plan.memory import SELECTIVE_MLP
 
 pytestmark = pytest.mark.distributed
 
@@ -32,18 +34,21 @@ def _shape_dict(preset: str = "tiny"):
 
 
 def _saved_bytes(module, x, **kw) -> int:
-    """Bytes of distinct storages autograd saves in one forward (parameters and the input excluded)."""
+    """Bytes of distinct storages autograd saves in one forward (parameters and the input excluded), counted
+    after the forward: megatron's norm recompute (`layernorm`) frees the storage of outputs it saved."""
     seen = {}
 
     def pack(t):
         if not isinstance(t, torch.nn.Parameter) and t is not x:
             st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+            seen.setdefault(st.data_ptr(), st)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x, attention_mask=None, **kw)
-    return sum(seen.values())
+        out = module(x, attention_mask=None, **kw)
+    total = sum(st.nbytes() for st in seen.values())
+    del out
+    return total
 
 
 def _measure(tp: int, preset: str = "tiny", seq: int = SEQ, cu=tuple(CU), cu_vit=tuple(CU_VIT), bf16: bool = False):
@@ -60,10 +65,11 @@ def _measure(tp: int, preset: str = "tiny", seq: int = SEQ, cu=tuple(CU), cu_vit
     dtype = torch.bfloat16 if bf16 else torch.float32
     hf = Qwen2_5_VLConfig(**_shape_dict(preset))
     out = {}
-    for recompute in ("none", "selective", "full"):
-        over = {} if recompute == "none" else (
-            {"recompute_granularity": "selective"} if recompute == "selective" else
-            {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1})
+    for recompute in ("none", "selective", "selective_mlp", "full"):
+        over = {"none": {}, "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+                "selective_mlp": {"recompute_granularity": "selective", "recompute_modules": list(SELECTIVE_MLP)},
+                "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+                }[recompute]
         cfgs = megatron_configs(hf, tp=tp, sequence_parallel=tp > 1, overrides=over, dtype=dtype)
         h, hv = cfgs.language.hidden_size, cfgs.vision.hidden_size
         psp = packed_seq_params(torch.tensor(cu, dtype=torch.int32, device=dev))
@@ -82,7 +88,7 @@ def _measure(tp: int, preset: str = "tiny", seq: int = SEQ, cu=tuple(CU), cu_vit
         saved = _saved_bytes(lm, x, rotary_pos_emb=rope, packed_seq_params=psp)
         out[f"lm_{recompute}"] = (saved + x.nbytes) / seq  # per token of the row (SP shards only norm regions)
         del lm
-        if recompute != "full":
+        if recompute in ("none", "selective"):  # the ViT's blocks run none or core-attention recompute
             vit = build_module(vision_layer_spec((), "sdpa"), config=cfgs.vision, layer_number=1).to(dev)
             xv = torch.randn(seq, 1, hv, device=dev, dtype=dtype, requires_grad=True)
             ropev = torch.randn(seq, 1, 1, hv // cfgs.vision.num_attention_heads, device=dev)
@@ -103,6 +109,8 @@ def test_formula_matches_saved_tensors():
     # math SDPA, which is what a CPU keeps (the GPU kernels are the bf16 test below), and 2 ranks need no 2 GPUs.
     measured = run_distributed(_measure, 2, 2, timeout=300, device="cpu")
     for rank_result in measured:
+        lm = lm_layer_activation_bytes(m, 2, True, "selective", elem=4, cuda=False, modules=SELECTIVE_MLP)
+        assert rank_result["lm_selective_mlp"] == pytest.approx(lm, rel=1e-4), (rank_result, lm)
         for recompute in ("none", "selective"):
             lm = lm_layer_activation_bytes(m, 2, True, recompute, elem=4, cuda=False)
             vit = vit_block_activation_bytes(m, 2, recompute, elem=4, cuda=False, windowed=True)
@@ -128,6 +136,8 @@ def test_formula_matches_saved_tensors_7b_bf16_on_gpu():
     seq = 8192
     (got,) = run_distributed(_measure, 1, 1, "qwen25vl-7b", seq, (0, 1000, 5000, seq),
                              VIT_WINDOWS_8K, True, timeout=600, device="cuda")
+    lm = lm_layer_activation_bytes(m, 1, False, "selective", modules=SELECTIVE_MLP)
+    assert got["lm_selective_mlp"] == pytest.approx(lm, rel=0.02), (got, lm)
     for recompute in ("none", "selective"):
         lm = lm_layer_activation_bytes(m, 1, False, recompute)
         vit = vit_block_activation_bytes(m, 1, recompute, windowed=True)

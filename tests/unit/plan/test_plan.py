@@ -187,10 +187,10 @@ def test_planner_loss_chunk_matches_the_model():
 
 
 def test_auto_recompute_picks_the_least_that_fits():
-    """model.recompute=auto: no recompute when memory is ample, full on the first k layers (block) when tight,
-    every layer and the chunked ViT when tighter; the choice is the fastest candidate whose plan fits, and every
-    faster candidate does not fit."""
-    from megatron_mmpl.plan.memory import choose_recompute, recompute_candidates
+    """model.recompute=auto: no recompute when memory is ample; when tight, the candidate that rebuilds the
+    fewest forward FLOPs and fits — full on the first k layers (block) for small k, the MLP of every layer
+    (selective) at 32K, every layer and the chunked ViT at 128K; every cheaper candidate does not fit."""
+    from megatron_mmpl.plan.memory import choose_recompute, rebuilt_flops, recompute_candidates, recompute_label
 
     m = ModelSpec.of("qwen25vl-3b")
     one = ["parallel.tp=1", "parallel.cp=1", "parallel.sequence_parallel=false", "data.global_batch_size=1",
@@ -203,7 +203,7 @@ def test_auto_recompute_picks_the_least_that_fits():
         plan = plan_config(cfg, hw)
         chosen, line = choose_recompute(cfg, hw, m)
         assert plan.fits and plan.model_settings["recompute"] == chosen.model.recompute and "auto chose" in line
-        seen[seq] = (chosen.model.recompute, chosen.model.recompute_method, chosen.model.vit_recompute)
+        seen[seq] = (recompute_label(chosen), chosen.model.vit_recompute)
         cands = recompute_candidates(cfg, m)
         pick = next(i for i, c in enumerate(cands) if all(getattr(chosen.model, k) == v for k, v in c.items()))
         for faster in cands[:pick]:  # everything faster than the pick is refused at the ViT setting chosen
@@ -211,9 +211,11 @@ def test_auto_recompute_picks_the_least_that_fits():
             trial = _cfg(*one, f"data.max_seq_len={seq}", f"data.max_len={seq}", f"data.min_len={seq // 4}",
                          *(f"model.{k}={v}" for k, v in settings.items()))
             assert not plan_config(trial, hw).fits
+        costs = [rebuilt_flops(c, m, seq, m.layers) for c in cands]
+        assert costs == sorted(costs) and costs[0] == 0
     assert seen[4096][0] == "none"
-    assert seen[32768] == ("full", "block", "chunked")  # the ViT's default
-    assert seen[131072][2] == "chunked"
+    assert seen[32768] == ("selective (mlp)", "chunked")  # the ViT's default
+    assert seen[131072] == ("full (uniform, 1 layer(s) per chunk)", "chunked")
 def test_every_row_length_the_planner_accepts_the_loader_and_cp_split_accept():
     """One padding multiple (ParallelConfig.pad_multiple) for planner, loader and CP split: whenever the planner
     accepts a layout and data.max_seq_len, a full row packed by the loader is accepted and splits into equal CP
