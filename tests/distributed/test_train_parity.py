@@ -1,6 +1,6 @@
 """TP=2 (with sequence parallel, full recompute) and PP=2 (1 of 4 LM layers on the ViT stage, selective
-recompute of core attention and the MLP) follow TP=1: same start weights, same data → per-step loss within 1e-5 relative (fp32).
-Freeze switches keep the frozen towers' weights."""
+recompute of core attention and the MLP) follow TP=1: same start weights, same data → per-step loss within 1e-5
+relative (fp32). Freeze switches keep the frozen towers' weights."""
 
 import pytest
 import torch
