@@ -43,12 +43,12 @@ class ModelConfig:
     (only the first recompute_num_layers layers of each pipeline stage; the rest keep their activations)."""
     recompute_num_layers: int = 1
     """With recompute=full: layers per recompute chunk (uniform) or recomputed layers per stage (block)."""
-    vit_recompute: str = "chunked"
-    """ViT activation recompute: chunked (the whole ViT rerun in the backward, `vit_chunk_patches` patches of
-    whole images at a time: nothing kept between forward and backward, which leaves the memory to the LM; measured
-    faster than full at 32K on an H200, docs/PERFORMANCE.md) | full (megatron's per-block recompute over all the
-    micro-batch's images: each block keeps its input) | none. With model.recompute=auto and vit_recompute=full,
-    the planner switches to chunked when nothing fits otherwise."""
+    vit_recompute: str = "full"
+    """ViT activation recompute: full (megatron's per-block recompute over all the micro-batch's images: each block
+    keeps its input; the faster one, docs/PERFORMANCE.md) | chunked (the whole ViT rerun in the backward,
+    `vit_chunk_patches` patches of whole images at a time: nothing kept between forward and backward, which leaves
+    the memory to the LM) | none. With model.recompute=auto and vit_recompute=full, the planner also weighs
+    chunked (plan/memory.py `recompute_settings`) and takes it when that is the cheaper setting that fits."""
     vit_chunk_patches: int = 32768
     """With vit_recompute=chunked: patches of whole images per chunk (an image larger than this is a chunk of its
     own)."""

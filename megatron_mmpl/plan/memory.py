@@ -286,21 +286,46 @@ def rebuilt_flops(setting: dict, m: ModelSpec, seq: int, layers: int) -> float:
     return min(k, layers) * (mlp + attn_linear + core)
 
 
-def choose_recompute(cfg: Config, hw: Hardware, m: ModelSpec) -> tuple[Config, str]:
-    """For model.recompute=auto: the config with the fastest LM recompute setting whose plan fits (else the
-    leanest), and a line saying what was chosen."""
+# The chunked ViT (whole tower rerun per chunk) against megatron's per-block recompute, both rebuilding the forward
+# once: measured 2.153 vs 1.964 s forward + backward for the 3B's ViT over 128,960 patches on an H200
+# (benchmarks/bench_vit_tower.py, docs/PERFORMANCE.md), i.e. ~0.3 of a ViT forward more; auto counts it so.
+VIT_CHUNKED_EXTRA = 0.3
 
-    chosen = None
+
+def vit_forward_flops_per_token(m: ModelSpec) -> float:
+    """The ViT's forward matmul FLOPs per LM token of a row that is all image (attention left out)."""
+    v = m.vision
+    per_patch = v.depth * (4 * v.hidden_size**2 + 3 * v.hidden_size * v.intermediate_size)
+    return 2 * per_patch * IMAGE_TOKEN_FRACTION * v.spatial_merge_size**2
+
+
+def recompute_settings(cfg: Config, m: ModelSpec) -> list[dict]:
+    """(LM recompute, ViT recompute) settings for model.recompute=auto, cheapest first: the LM candidates
+    (`recompute_candidates`) with the configured ViT mode and, when that is full, the chunked ViT too (leaner,
+    slower by VIT_CHUNKED_EXTRA ViT forwards)."""
     vit_modes = [cfg.model.vit_recompute] + (["chunked"] if cfg.model.vit_recompute == "full" else [])
-    for vit in vit_modes:  # the ViT's own setting first; chunked only when nothing else fits
-        for cand in recompute_candidates(cfg, m):
-            trial = copy.deepcopy(cfg)
-            for k, v in {**cand, "vit_recompute": vit}.items():
-                setattr(trial.model, k, v)
-            chosen = trial
-            if plan_config(trial, hw, shape=m).fits:
-                return chosen, f"model.recompute=auto chose {recompute_label(chosen)}, ViT {vit}"
-    return chosen, f"model.recompute=auto: nothing fits; planned the leanest, {recompute_label(chosen)}, ViT {vit}"
+    p = cfg.parallel
+    layers = p.first_stage_layers if (p.pp > 1 and p.first_stage_layers) else -(-m.layers // p.pp)
+    extra = VIT_CHUNKED_EXTRA * vit_forward_flops_per_token(m)
+    out = [(rebuilt_flops(c, m, cfg.data.max_seq_len, layers) + (extra if vit == "chunked" else 0.0), i,
+            {**c, "vit_recompute": vit})
+           for i, (vit, c) in enumerate((vit, c) for vit in vit_modes for c in recompute_candidates(cfg, m))]
+    return [c for _, _, c in sorted(out, key=lambda t: t[:2])]
+
+
+def choose_recompute(cfg: Config, hw: Hardware, m: ModelSpec) -> tuple[Config, str]:
+    """For model.recompute=auto: the config with the cheapest recompute setting (`recompute_settings`) whose
+    plan fits (else the leanest), and a line saying what was chosen."""
+    chosen = None
+    for setting in recompute_settings(cfg, m):
+        trial = copy.deepcopy(cfg)
+        for k, v in setting.items():
+            setattr(trial.model, k, v)
+        chosen = trial
+        if plan_config(trial, hw, shape=m).fits:
+            return chosen, f"model.recompute=auto chose {recompute_label(chosen)}, ViT {trial.model.vit_recompute}"
+    return chosen, (f"model.recompute=auto: nothing fits; planned the leanest, {recompute_label(chosen)}, "
+                    f"ViT {chosen.model.vit_recompute}")
 
 
 def recompute_label(cfg: Config) -> str:
