@@ -16,6 +16,8 @@ Modules, and the megatron-core 0.16.1 calls they serve:
 - schedules.py: the TransformerConfig fields the pipeline schedules need for packed rows of varying length.
 - checkpoint_writer.py: dist_checkpointing's writer results queue (filesystem_async._get_write_results_queue)
   from a Manager started with the trainer's helper-process initializer (signals, death with the trainer).
+- parallel_state.py: the group globals destroy_model_parallel does not reset (their store and gloo sockets would
+  outlive destroy_parallel).
 - cuda_rope.py: a compiled RoPE kernel in rope_utils' fused-RoPE slot (`fused_apply_rotary_pos_emb`, TE's when
   installed) for config.apply_rope_fusion on CUDA.
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mmpl.compat.cpu_runtime import apply_cpu_runtime, remove_cpu_runtime
+from megatron_mmpl.compat.parallel_state import release_leftover_groups
 from megatron_mmpl.parallel.ports import free_port
 
 
@@ -115,11 +116,13 @@ def rank_position() -> RankPosition:
 
 
 def destroy_parallel() -> None:
-    """Undo `initialize_parallel`: megatron's groups, its model-parallel RNG tracker (seeded there; a later model in
-    this process must not draw from it), the process group, the CPU runtime."""
+    """Undo `initialize_parallel`: megatron's groups (all of them: compat/parallel_state.py), its model-parallel RNG
+    tracker (seeded there; a later model in this process must not draw from it), the process group, the CPU
+    runtime."""
     from megatron.core import parallel_state, tensor_parallel
 
     parallel_state.destroy_model_parallel()
+    release_leftover_groups()
     tensor_parallel.get_cuda_rng_tracker().reset()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -44,6 +44,30 @@ def test_cpu_runtime_lives_as_long_as_the_process_groups():
     assert result == (False, (True, "cpu", "cpu"), (False, True), "refused", True)
 
 
+def _tcp_sockets_around_the_groups():
+    import psutil
+
+    from megatron_mmpl.parallel.process_groups import destroy_parallel, initialize_parallel
+
+    def tcp():
+        return sorted((c.laddr.port, c.status) for c in psutil.Process().net_connections(kind="tcp"))
+
+    before = tcp()
+    initialize_parallel()
+    during = tcp()
+    destroy_parallel()
+    return before, during, tcp()
+
+
+def test_destroy_parallel_closes_every_socket_the_groups_opened():
+    """megatron-core 0.16.1 keeps two groups after destroy_model_parallel (compat/parallel_state.py); with them
+    the TCP store and gloo listeners outlived destroy_parallel in the process."""
+    (result,) = run_distributed(_tcp_sockets_around_the_groups, 1, device="cpu")
+    before, during, after = result
+    assert len(during) > len(before)  # the store and the groups' listeners
+    assert after == before
+
+
 def test_compiled_rope_formula_is_megatrons():
     """compat/cuda_rope.py's formula (compiled on CUDA) equals megatron's unfused bshd RoPE (eager, CPU fp32)."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
