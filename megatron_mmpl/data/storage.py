@@ -19,6 +19,41 @@ def join(root: str | os.PathLike, rel: str) -> str:
     return f"{str(root).rstrip('/')}/{rel}" if is_url(root) else os.path.join(root, rel)
 
 
+def _detach_parent_fsspec_loop() -> None:
+    """In a forked child (a loader worker): make the parent's fsspec IO loop unable to touch the parent's sockets.
+
+    fsspec runs its async filesystems (http, s3, gcs) on one event-loop thread per process; a fork copies the loop
+    without its thread, and the copy's epoll descriptor still names the parent's epoll instance, which the kernel
+    shares across fork. When the child lets go of the copied connections (its first fsspec call clears fsspec's
+    instance cache; its exit collects everything), asyncio deregisters their sockets from that shared epoll, and
+    the parent's loop then never sees the reply to its next request: the read hangs until aiohttp's timeout
+    (seen: the remote-shard test, index.json read after a 2-worker loader; reproduced with a bare fork). Putting
+    /dev/null over the child's copy of the descriptor makes those deregistrations fail (asyncio ignores that)."""
+    for loop in _FORKED_LOOPS:
+        selector = getattr(getattr(loop, "_selector", None), "_selector", None)  # the select.epoll object
+        fd = selector.fileno() if selector is not None and not selector.closed else -1
+        if fd >= 0:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, fd)
+            os.close(null)
+    _FORKED_LOOPS.clear()
+
+
+_FORKED_LOOPS: list = []  # the parent's fsspec loop, between the fork hooks
+
+
+def _remember_fsspec_loop() -> None:
+    import sys
+
+    asyn = sys.modules.get("fsspec.asyn")
+    loop = asyn.loop[0] if asyn is not None else None
+    _FORKED_LOOPS[:] = [loop] if loop is not None else []
+
+
+os.register_at_fork(before=_remember_fsspec_loop, after_in_parent=_FORKED_LOOPS.clear,
+                    after_in_child=_detach_parent_fsspec_loop)
+
+
 def _fs(url: str, storage_options: dict | None):
     import fsspec  # lazy: only shard directories at URLs need fsspec and its backends
 

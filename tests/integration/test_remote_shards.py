@@ -43,6 +43,31 @@ def test_loader_reads_url_like_a_path_with_exact_resume(served):
     assert statuses.count("206") >= 6 * 2, "samples are read as byte ranges (206 Partial Content)"
 
 
+def test_a_forked_worker_that_exits_leaves_the_parents_reads_working(served):
+    """A loader worker is a fork: when it lets go of the connections it inherited, the parent's next read must
+    still get its reply (data/storage.py detaches the parent's fsspec loop in the child). Without that, this read
+    hung until aiohttp's timeout."""
+    import gc
+    import os
+
+    import fsspec.asyn
+
+    from megatron_mmpl.data.storage import _fs, read_bytes
+
+    _, url, _ = served
+    index = read_bytes(f"{url}/index.json")  # the parent's loop now holds a keep-alive connection
+    pid = os.fork()
+    if pid == 0:  # the worker: its first fsspec call drops the inherited filesystems, then it exits
+        try:
+            read_bytes(f"{url}/index.json")
+            gc.collect()
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    fs, path = _fs(f"{url}/index.json", None)
+    assert fsspec.asyn.sync(fs.loop, fs._cat_file, path, timeout=20) == index
+
+
 def test_stock_webdataset_reads_our_shards_locally_and_over_http(served):
     wds = pytest.importorskip("webdataset")
     local, url, _ = served
