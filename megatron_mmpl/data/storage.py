@@ -7,6 +7,7 @@ Local paths are read with plain file I/O; URLs through fsspec, one range request
 from __future__ import annotations
 
 import os
+import sys
 
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
 
@@ -43,8 +44,6 @@ _FORKED_LOOPS: list = []  # the parent's fsspec loop, between the fork hooks
 
 
 def _remember_fsspec_loop() -> None:
-    import sys
-
     asyn = sys.modules.get("fsspec.asyn")
     loop = asyn.loop[0] if asyn is not None else None
     _FORKED_LOOPS[:] = [loop] if loop is not None else []
