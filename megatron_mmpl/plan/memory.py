@@ -254,21 +254,23 @@ def resolved_recompute(cfg: Config) -> str:
 SELECTIVE_MLP = ("mlp",)  # the selective policy auto tries: attention and norms kept, the MLP rebuilt
 
 
-def recompute_candidates(cfg: Config, m: ModelSpec) -> list[dict]:
-    """LM recompute settings, cheapest first by the forward FLOPs each rebuilds per token of a row of
-    data.max_seq_len (`rebuilt_flops`): none; full on the first k layers of each stage (block); selective MLP
-    on every layer; full on every layer (uniform). Memory falls along each family; auto takes the first
-    that fits."""
+def stage_layers(cfg: Config, m: ModelSpec) -> int:
+    """LM layers on the fullest pipeline stage."""
     p = cfg.parallel
     most = p.first_stage_layers if (p.pp > 1 and p.first_stage_layers) else -(-m.layers // p.pp)
     if p.pp > 1:
         most = max(most, (m.layers - (p.first_stage_layers or m.layers // p.pp)) // (p.pp - 1))
+    return most
+
+
+def recompute_candidates(cfg: Config, m: ModelSpec) -> list[dict]:
+    """LM recompute settings: none; full on the first k layers of each stage (block); selective MLP on every
+    layer; full on every layer (uniform). `recompute_settings` orders them by what they rebuild."""
+    most = stage_layers(cfg, m)
     out = [dict(recompute="none")]
     out += [dict(recompute="full", recompute_method="block", recompute_num_layers=k) for k in range(1, most)]
     out += [dict(recompute="selective", recompute_modules=list(SELECTIVE_MLP))]
-    out += [dict(recompute="full", recompute_method="uniform", recompute_num_layers=1)]
-    cost = {id(c): rebuilt_flops(c, m, cfg.data.max_seq_len, most) for c in out}
-    return sorted(out, key=lambda c: cost[id(c)])  # stable: equal costs keep the order above
+    return out + [dict(recompute="full", recompute_method="uniform", recompute_num_layers=1)]
 
 
 def rebuilt_flops(setting: dict, m: ModelSpec, seq: int, layers: int) -> float:
@@ -300,12 +302,12 @@ def vit_forward_flops_per_token(m: ModelSpec) -> float:
 
 
 def recompute_settings(cfg: Config, m: ModelSpec) -> list[dict]:
-    """(LM recompute, ViT recompute) settings for model.recompute=auto, cheapest first: the LM candidates
+    """(LM recompute, ViT recompute) settings for model.recompute=auto, cheapest first by the forward FLOPs each
+    rebuilds per token of a row of data.max_seq_len (`rebuilt_flops`; stable for equal costs): the LM candidates
     (`recompute_candidates`) with the configured ViT mode and, when that is full, the chunked ViT too (leaner,
     slower by VIT_CHUNKED_EXTRA ViT forwards)."""
     vit_modes = [cfg.model.vit_recompute] + (["chunked"] if cfg.model.vit_recompute == "full" else [])
-    p = cfg.parallel
-    layers = p.first_stage_layers if (p.pp > 1 and p.first_stage_layers) else -(-m.layers // p.pp)
+    layers = stage_layers(cfg, m)
     extra = VIT_CHUNKED_EXTRA * vit_forward_flops_per_token(m)
     out = [(rebuilt_flops(c, m, cfg.data.max_seq_len, layers) + (extra if vit == "chunked" else 0.0), i,
             {**c, "vit_recompute": vit})
