@@ -5,7 +5,7 @@ The tower is the trainer's (models/qwen25vl/vision_model.py built by build_model
 default `model.vit_recompute`); the input is 26 page images of 80×62 patches (the 32K text-page samples of
 bench_e2e.py), random pixels (the tower's cost does not depend on them). FLOPs: training/flops.py's ViT count.
 
-    python benchmarks/bench_vit_tower.py [--model qwen25vl-3b] [--images 26] [--grid 80 62] [--profile]
+    python benchmarks/bench_vit_tower.py [--model qwen25vl-3b] [--images 26] [--grid 80 62] [--profile [--trace FILE]]
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def run_mode(args, cfg, spec, layout, grid, flops: float, peak: float | None, fi
             step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=80))
+        if args.trace:
+            prof.export_chrome_trace(args.trace)
 
 
 def main() -> None:
@@ -98,6 +100,7 @@ def main() -> None:
     p.add_argument("--grid", type=int, nargs=2, default=[80, 62], help="patches per image (h w)")
     p.add_argument("--recompute", nargs="+", default=["chunked", "none"], help="model.vit_recompute values")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one forward + backward")
+    p.add_argument("--trace", default=None, help="with --profile: write the Chrome trace (JSON) here")
     args = p.parse_args()
 
     from megatron_mmpl.config import load_config

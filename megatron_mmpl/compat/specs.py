@@ -1,5 +1,6 @@
-"""Layer specs: megatron's local GPT spec (`get_gpt_layer_local_spec`) with our CoreAttention swapped in, and a
-torch RMSNorm built by megatron's norm constructor; nothing else changed."""
+"""Layer specs: megatron's local GPT spec (`get_gpt_layer_local_spec`) with our CoreAttention and the fused
+QKV-bias-RoPE SelfAttention swapped in, and a torch RMSNorm built by megatron's norm constructor; nothing else
+changed."""
 
 from __future__ import annotations
 
@@ -7,18 +8,24 @@ import copy
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_mmpl.attention.backend import check_backend
 from megatron_mmpl.attention.core_attention import CoreAttention
+from megatron_mmpl.attention.qkv_rope import QKVRopeSelfAttention
 
 
 def with_core_attention(layer_spec: ModuleSpec, backend: str | None = None) -> ModuleSpec:
-    """Copy of a TransformerLayer spec whose self-attention uses CoreAttention (`backend` overrides the config)."""
+    """Copy of a TransformerLayer spec whose self-attention uses CoreAttention (`backend` overrides the config),
+    inside megatron's SelfAttention with the QKV bias and RoPE fused (attention/qkv_rope.py)."""
     spec = copy.deepcopy(layer_spec)
     attn = spec.submodules.self_attention
     if attn is None or not hasattr(attn.submodules, "core_attention"):
         raise ValueError("layer spec has no self_attention.submodules.core_attention to replace")
+    if attn.module is not SelfAttention:
+        raise ValueError(f"layer spec's self_attention is {attn.module.__name__}, not megatron's SelfAttention")
+    attn.module = QKVRopeSelfAttention
     params = {"backend": check_backend(backend)} if backend else {}
     attn.submodules.core_attention = ModuleSpec(module=CoreAttention, params=params)
     return spec

@@ -100,7 +100,7 @@ def checkpoint_bytes(m: ModelSpec, dtype: str) -> int:
 
 def layer_activation_bytes(h: int, heads: int, kv: int, ffn: int, head_dim: int, tp: int, sp: bool,
                            recompute: str, elem: int = 2, cp_gathered: bool = False, cuda: bool = True,
-                           gathered: bool = False, modules: tuple[str, ...] = ("core_attn",)) -> float:
+                           modules: tuple[str, ...] = ("core_attn",)) -> float:
     """Bytes one transformer layer (LM or ViT block, as this trainer builds them) keeps for backward per token of
     the rank's sequence (the whole row, or its CP share; sequence parallel shards only the norm regions),
     K/V of the CP all-gather excluded (see `gathered_kv_bytes`). q = heads·head_dim; kv = groups·head_dim.
@@ -109,17 +109,16 @@ def layer_activation_bytes(h: int, heads: int, kv: int, ffn: int, head_dim: int,
     tests/unit/plan/test_activation_memory.py checks this against real layers to the byte on CPU, and on a GPU),
     in elements of the activation dtype per token; `sp` divides the norm regions by tp, else replicated:
       norms: RMSNorm input and the linear input after it, before attention and before the MLP: 4h/sp;
-      attention: SDPA's q, k, v inputs — RoPE'd q (q) and k (kv) and the QKV output buffer (q + 2kv, alive
-        because v is a view of it), or with `gathered` (equal blocks gathered into a batch: ViT windows) the
-        gathered copies q + 2kv; SDPA's output q and the out-proj input q;
+      attention: SDPA's q, k, v inputs — `cuda`: the fused QKV-bias-RoPE kernel's three tensors (q + 2kv);
+        else RoPE'd q (q) and k (kv) and the QKV output buffer (q + 2kv, alive because v is a view of it);
+        SDPA's output q and the out-proj input q;
       MLP: fc1 output [gate; up] 2F/tp and the fc2 input F/tp (`cuda`: megatron's fused SwiGLU keeps only
         those), or unfused 2F + 3F (a copy of gate, silu(gate), silu(gate)·up);
       fp32: log-sum-exp heads/tp, RMSNorm rstd 2/sp; unfused RoPE (CPU) its cos/sin for q and k
         4·head_dim; CPU's composite RMSNorm its x·rstd 2h/sp. On CUDA the RoPE kernel keeps only the shared
         position table (counted once per model, not here).
       selective: megatron's `modules` of the layer are rebuilt in the backward —
-        core_attn: − SDPA output q − log-sum-exp (its inputs are q/k/v as they come out of RoPE, so the buffer
-          accounting applies even for gathered blocks);
+        core_attn: − SDPA output q − log-sum-exp;
         mlp: − the MLP's own tensors (its checkpoint keeps only its input, the norm output counted above);
       full = elem·h/sp per recompute chunk (only the chunk's input is kept)
     Under CP (`cp_gathered`) K/V are all-gathered and the gathered copies are kept instead of the local QKV
@@ -130,12 +129,7 @@ def layer_activation_bytes(h: int, heads: int, kv: int, ffn: int, head_dim: int,
     if recompute == "full":
         return elem * h / sp_div
     mods = set(modules) if recompute == "selective" else set()
-    if cp_gathered:
-        qkv = q
-    elif gathered and "core_attn" not in mods:
-        qkv = q + 2 * kv
-    else:
-        qkv = q + kv + (q + 2 * kv)
+    qkv = q if cp_gathered else (q + 2 * kv if cuda else q + kv + (q + 2 * kv))
     mlp = 0 if "mlp" in mods else (3 if cuda else 5) * ffn
     elems = (4 if cuda else 6) * h / sp_div + (qkv + 2 * q + mlp) / tp
     extra = 4 * (heads / tp + 2 / sp_div) + (0 if cuda else 4 * 4 * head_dim)
@@ -160,13 +154,19 @@ def gathered_kv_bytes(m: ModelSpec, tp: int, elem: int = 2) -> float:
 def vit_block_activation_bytes(m: ModelSpec, tp: int, recompute: str, elem: int = 2, cuda: bool = True,
                                windowed: bool | None = None) -> float:
     """`layer_activation_bytes` at the ViT's shape (multi-head: K/V as wide as q; no sequence parallel), per
-    patch. Window blocks attend in gathered batches of equal windows, full-attention blocks in views of whole
-    frames; `windowed` picks one kind, None averages over the ViT's blocks (`fullatt_block_indexes` full)."""
+    patch. Window blocks attend in views of equal windows (the tower keeps windows of one size back to back; a
+    page row has several sizes, so the outputs are concatenated for the out-proj as counted there). A
+    full-attention block keeps its input gathered into frames (+h: the regrouping scatters the frames of a
+    multi-page row), and its frames, pages of one size, attend in one batched call whose output is itself the
+    out-proj input (−q, when core attention is not rebuilt). `windowed` picks one kind; None averages over the
+    ViT's blocks (`fullatt_block_indexes` full)."""
     v = m.vision
 
-    def one(gathered: bool) -> float:
-        return layer_activation_bytes(v.hidden_size, v.num_heads, v.hidden_size, v.built_ffn, v.head_dim, tp, False,
-                                      recompute, elem, False, cuda, gathered)
+    def one(windowed: bool) -> float:
+        view = v.hidden_size / tp if recompute == "none" else 0  # selective rebuilds that output anyway
+        frames = 0 if windowed or recompute == "full" else elem * (v.hidden_size - view)
+        return frames + layer_activation_bytes(v.hidden_size, v.num_heads, v.hidden_size, v.built_ffn, v.head_dim,
+                                               tp, False, recompute, elem, False, cuda)
 
     if windowed is not None:
         return one(windowed)

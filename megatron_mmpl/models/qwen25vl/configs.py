@@ -130,7 +130,8 @@ def megatron_configs(
     fused = {}
     if cuda and fused_kernels:
         cuda_rope.install()
-        fused = dict(bias_activation_fusion=True, apply_rope_fusion=True)
+        # megatron's compiled bias + dropout + residual (one kernel instead of a broadcast bias add and an add)
+        fused = dict(bias_activation_fusion=True, apply_rope_fusion=True, bias_dropout_fusion=True)
     language = TransformerConfig(
         num_layers=layers, hidden_size=m.hidden, num_attention_heads=m.heads, num_query_groups=m.kv_groups,
         kv_channels=head_dim, ffn_hidden_size=m.ffn, add_qkv_bias=True, add_bias_linear=False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -18,15 +19,24 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_mmpl.attention.segments import permute_rows
 from megatron_mmpl.compat.specs import RMSNorm, gpt_layer_spec, with_core_attention
 
 
 @dataclass
 class VisionSegments:
-    """Attention segments of one ViT forward: window blocks use `window`, full-attention blocks `full`."""
+    """Attention segments of one ViT forward: window blocks use `window`, full-attention blocks `full`.
+
+    The tower's rows are in window order with windows of one size back to back (vision_geometry.windows_by_size).
+    When that scatters frames, `frame_rows` gathers the rows into frames (`full` is in that order) and
+    `block_rows` puts them back (`frame_rope`: RoPE angles in frame order); None when the frames are contiguous.
+    """
 
     window: PackedSeqParams
     full: PackedSeqParams
+    frame_rows: torch.Tensor | None = None
+    block_rows: torch.Tensor | None = None
+    frame_rope: torch.Tensor | None = None
 
 
 def packed_seq_params(cu_seqlens) -> PackedSeqParams:
@@ -47,9 +57,16 @@ class VisionTransformerLayer(TransformerLayer):
 
     def forward(self, *args, **kwargs):
         segs = kwargs.get("packed_seq_params")
-        if isinstance(segs, VisionSegments):
-            kwargs["packed_seq_params"] = segs.full if self.full_attention else segs.window
-        return super().forward(*args, **kwargs)
+        if not isinstance(segs, VisionSegments):
+            return super().forward(*args, **kwargs)
+        kwargs["packed_seq_params"] = segs.full if self.full_attention else segs.window
+        if not self.full_attention or segs.frame_rows is None:
+            return super().forward(*args, **kwargs)
+        # rows into frames and back: two gathers per full-attention block instead of per-window gathers in all
+        x = args[0] if args else kwargs.pop("hidden_states")
+        kwargs["rotary_pos_emb"] = segs.frame_rope
+        out, context = super().forward(permute_rows(x, segs.frame_rows, segs.block_rows), *args[1:], **kwargs)
+        return permute_rows(out, segs.block_rows, segs.frame_rows), context
 
 
 def _with_norms(spec: ModuleSpec) -> ModuleSpec:

@@ -61,3 +61,25 @@ def vision_rope_freqs(grid_thw, merge: int, head_dim: int, theta: float) -> torc
     inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float) / half))  # [head_dim/4]
     rc = patch_coords(grid_thw, merge).float()
     return torch.cat([rc[:, :1] * inv_freq, rc[:, 1:] * inv_freq], dim=-1)
+
+
+def windows_by_size(order: torch.Tensor, cu_window: torch.Tensor, frame_cu: torch.Tensor, unit: int):
+    """The window order regrouped so that windows of one size lie back to back (largest first, stable), which lets
+    every window block attend to its equal windows as one batched view with no gather; full-attention blocks,
+    whose frames this may scatter, reorder rows into frames themselves.
+
+    Takes `window_order`'s (order, cu_window) and the frames' cu_seqlens (patches); returns (order, cu_window)
+    regrouped and `src` [n_patches] int64 — regrouped patch row i is row src[i] of the window order (frames are
+    contiguous there) — or None when every frame stays contiguous and in place (one window size, or one frame).
+    """
+    lens = (cu_window[1:] - cu_window[:-1]).long()
+    by_size = torch.sort(-lens, stable=True).indices
+    if torch.equal(by_size, torch.arange(lens.numel())):
+        return order, cu_window, None
+    starts = cu_window[:-1].long()[by_size]
+    src = torch.cat([torch.arange(a, a + n) for a, n in zip(starts.tolist(), lens[by_size].tolist())])
+    blocks = src.view(-1, unit)[:, 0] // unit  # whole merge blocks move together
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens[by_size].cumsum(0)]).to(cu_window.dtype)
+    frame = torch.bucketize(src, frame_cu[1:].long(), right=True)  # frame of each regrouped row
+    in_place = bool((frame[1:] >= frame[:-1]).all())
+    return order[blocks], cu, None if in_place else src

@@ -23,6 +23,7 @@ from megatron_mmpl.models.qwen25vl.vision_geometry import (
     frame_cu_seqlens,
     vision_rope_freqs,
     window_order,
+    windows_by_size,
 )
 
 
@@ -84,15 +85,21 @@ class Qwen25VisionModel(MegatronModule):
         return permute_rows(out, *(to_device(t, x.device) for t in (torch.argsort(order), order)))  # processor order
 
     def window_layout(self, grid_thw, device):
-        """Window order of merge blocks, the matching patch permutation and its inverse, RoPE angles
-        [n, 1, 1, head_dim] in window order, and the attention segments of both block kinds (boundaries stay on
-        the host, where attention reads them; the rest is copied asynchronously)."""
+        """Window order of merge blocks (windows of one size back to back), the matching patch permutation and
+        its inverse, RoPE angles [n, 1, 1, head_dim] in that order, and the attention segments of both block kinds
+        (boundaries stay on the host, where attention reads them; the rest is copied asynchronously)."""
         d, unit = self.dims, self.merge_unit
-        order, cu_window = window_order(grid_thw, d.spatial_merge_size, d.window_size, d.patch_size)
+        frames = frame_cu_seqlens(grid_thw)
+        order, cu_window, src = windows_by_size(
+            *window_order(grid_thw, d.spatial_merge_size, d.window_size, d.patch_size), frames, unit)
         perm = (order[:, None] * unit + torch.arange(unit)).view(-1)  # patch order in windows
         freqs = vision_rope_freqs(grid_thw, d.spatial_merge_size, self.config.kv_channels, d.rope_theta)[perm]
         rope = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [n, 1, 1, head_dim]
-        segs = VisionSegments(window=packed_seq_params(cu_window), full=packed_seq_params(frame_cu_seqlens(grid_thw)))
+        segs = VisionSegments(window=packed_seq_params(cu_window), full=packed_seq_params(frames))
+        if src is not None:  # full-attention blocks gather their rows into frames, and back
+            frame_rows = torch.argsort(src)
+            segs.frame_rows, segs.block_rows, segs.frame_rope = (
+                to_device(t, device) for t in (frame_rows, src, rope[frame_rows]))
         return order, *(to_device(t, device) for t in (perm, torch.argsort(perm), rope)), segs
 
 

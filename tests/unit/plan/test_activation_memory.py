@@ -14,8 +14,8 @@ pytestmark = pytest.mark.distributed
 
 SEQ = 512
 CU = [0, 200, 512]  # two packed samples (LM); the ViT gets three windows
-VIT_WINDOWS_8K = tuple(torch.tensor([0] + ([64] * 7 + [48]) * 16 + [64] * 4).cumsum(0).tolist())  # like a page row
-CU_VIT = [0, 64, 112, 176, 224, 288, 336, 400, 448, 512]  # windows 64, 48, ...: each size gathered into a batch
+VIT_WINDOWS_8K = tuple(torch.tensor([0] + [64] * 116 + [48] * 16).cumsum(0).tolist())  # like a page row, regrouped
+CU_VIT = [0, 64, 128, 192, 256, 320, 368, 416, 464, 512]  # windows of one size back to back, as the tower has them
 
 
 def _shape_dict(preset: str = "tiny"):
@@ -56,7 +56,12 @@ def _measure(tp: int, preset: str = "tiny", seq: int = SEQ, cu=tuple(CU), cu_vit
     from transformers import Qwen2_5_VLConfig
 
     from megatron_mmpl.models.qwen25vl.configs import megatron_configs
-    from megatron_mmpl.models.qwen25vl.specs import language_layer_spec, packed_seq_params, vision_layer_spec
+    from megatron_mmpl.models.qwen25vl.specs import (
+        VisionSegments,
+        language_layer_spec,
+        packed_seq_params,
+        vision_layer_spec,
+    )
     from megatron_mmpl.parallel.process_groups import destroy_parallel, initialize_parallel
 
     initialize_parallel(tp=tp)
@@ -89,13 +94,19 @@ def _measure(tp: int, preset: str = "tiny", seq: int = SEQ, cu=tuple(CU), cu_vit
         out[f"lm_{recompute}"] = (saved + x.nbytes) / seq  # per token of the row (SP shards only norm regions)
         del lm
         if recompute in ("none", "selective"):  # the ViT's blocks run none or core-attention recompute
-            vit = build_module(vision_layer_spec((), "sdpa"), config=cfgs.vision, layer_number=1).to(dev)
             xv = torch.randn(seq, 1, hv, device=dev, dtype=dtype, requires_grad=True)
             ropev = torch.randn(seq, 1, 1, hv // cfgs.vision.num_attention_heads, device=dev)
-            segs = packed_seq_params(torch.tensor(cu_vit, dtype=torch.int32, device=dev))
-            out[f"vit_{recompute}"] = (_saved_bytes(vit, xv, rotary_pos_emb=ropev, packed_seq_params=segs)
-                                       + xv.nbytes) / seq
-            del vit
+            block_rows = torch.randperm(seq, generator=torch.Generator().manual_seed(0)).to(dev)
+            frame_rows = torch.argsort(block_rows)
+            segs = VisionSegments(
+                window=packed_seq_params(torch.tensor(cu_vit, dtype=torch.int32, device=dev)),
+                full=packed_seq_params(torch.tensor([0, seq // 2, seq], dtype=torch.int32, device=dev)),  # 2 frames
+                frame_rows=frame_rows, block_rows=block_rows, frame_rope=ropev[frame_rows])
+            for kind, full_layers in (("window", ()), ("full", (0,))):
+                vit = build_module(vision_layer_spec(full_layers, "sdpa"), config=cfgs.vision, layer_number=1).to(dev)
+                out[f"vit_{kind}_{recompute}"] = (_saved_bytes(vit, xv, rotary_pos_emb=ropev, packed_seq_params=segs)
+                                                  + xv.nbytes) / seq
+                del vit
     destroy_parallel()
     return out
 
@@ -113,13 +124,14 @@ def test_formula_matches_saved_tensors():
         assert rank_result["lm_selective_mlp"] == pytest.approx(lm, rel=1e-4), (rank_result, lm)
         for recompute in ("none", "selective"):
             lm = lm_layer_activation_bytes(m, 2, True, recompute, elem=4, cuda=False)
-            vit = vit_block_activation_bytes(m, 2, recompute, elem=4, cuda=False, windowed=True)
             assert rank_result[f"lm_{recompute}"] == pytest.approx(lm, rel=1e-4), (recompute, rank_result, lm)
-            # gathered windows also keep the grouped plan's int64 reorder and its inverse: one copy per forward,
-            # shared by every block, so per block of a real ViT they are not counted
-            shared = 2 * 8 if recompute == "none" else 0
-            assert rank_result[f"vit_{recompute}"] - shared == pytest.approx(vit, rel=1e-4), (recompute, rank_result,
-                                                                                              vit)
+            for kind in ("window", "full"):
+                vit = vit_block_activation_bytes(m, 2, recompute, elem=4, cuda=False, windowed=kind == "window")
+                # the full block also keeps the int64 rows into frames and back: one pair per forward, shared by
+                # every full block, so per block of a real ViT they are not counted
+                shared = 2 * 8 if kind == "full" else 0
+                got = rank_result[f"vit_{kind}_{recompute}"] - shared
+                assert got == pytest.approx(vit, rel=1e-4), (kind, recompute, rank_result, vit)
         # full: the block keeps the layer input (SP rows) plus the RoPE table (whole row, fp32), once per chunk
         full = lm_layer_activation_bytes(m, 2, True, "full", elem=4) + 4 * m.head_dim
         assert rank_result["lm_full"] == pytest.approx(full, rel=1e-4), (rank_result, full)
@@ -140,7 +152,8 @@ def test_formula_matches_saved_tensors_7b_bf16_on_gpu():
     assert got["lm_selective_mlp"] == pytest.approx(lm, rel=0.02), (got, lm)
     for recompute in ("none", "selective"):
         lm = lm_layer_activation_bytes(m, 1, False, recompute)
-        vit = vit_block_activation_bytes(m, 1, recompute, windowed=True)
         assert got[f"lm_{recompute}"] == pytest.approx(lm, rel=0.02), (recompute, got, lm)
-        assert got[f"vit_{recompute}"] == pytest.approx(vit, rel=0.02), (recompute, got, vit)
+        for kind in ("window", "full"):
+            vit = vit_block_activation_bytes(m, 1, recompute, windowed=kind == "window")
+            assert got[f"vit_{kind}_{recompute}"] == pytest.approx(vit, rel=0.02), (kind, recompute, got, vit)
     assert got["lm_full"] == pytest.approx(lm_layer_activation_bytes(m, 1, False, "full") + 4 * m.head_dim, rel=0.02)

@@ -1,0 +1,101 @@
+"""Self-attention whose QKV bias and RoPE run as one kernel on the QKV GEMM's output (CUDA).
+
+megatron-core 0.16.1 `SelfAttention` adds the QKV bias in its own broadcast kernel (ColumnParallelLinear, local
+spec), splits q / k / v as views of that buffer, and rotates q and k in two more kernels (`apply_rotary_pos_emb`);
+the backward reverses each and concatenates the gradients. Its one-pass alternative (`fused_single_qkv_rope`)
+needs Transformer Engine and no packed_seq_params. At the 3B's ViT over 128,960 patches those steps took ~3.9 ms
+of every block forward and ~3.6 ms of its backward (benchmarks/bench_vit_tower.py --profile, H200).
+
+`QKVRopeSelfAttention` takes the GEMM output and the bias separately and runs bias + split + RoPE of q and k as
+one compiled function that returns q, k, v as three contiguous tensors (its backward is one kernel too, plus the
+bias gradient's reduction), then lets megatron's forward continue with RoPE already applied. It changes nothing
+else: where the fused path does not apply (CPU, inference, thd packing, gated / q-k-normed / TP-regrouped heads,
+megatron's YaRN mscale, per-q/k rope tuples) megatron's own code runs. Written for megatron-core 0.16.1 (the
+compat package's version check guards it).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.identity_op import IdentityOp
+
+_COMPILED: dict[tuple[int, int, int], object] = {}
+
+
+def qkv_bias_rope(mixed: torch.Tensor, bias: torch.Tensor | None, freqs: torch.Tensor, q_per_group: int,
+                  head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mixed [s, b, ng·(q_per_group+2)·d] (the GEMM output, bias not added; megatron's head-group interleaved
+    layout), bias [ng·(q_per_group+2)·d] or None, freqs [s, b|1, 1, r] (r ≤ d, non-interleaved rotation) →
+    q [s, b, ng·q_per_group, d], k and v [s, b, ng, d], contiguous; compiled on CUDA."""
+    if not mixed.is_cuda:
+        return _qkv_bias_rope(mixed, bias, freqs, q_per_group, head_dim)
+    key = (q_per_group, head_dim, bias is not None)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(
+            lambda m, b, f: _qkv_bias_rope(m, b, f, q_per_group, head_dim), dynamic=True)
+    return _COMPILED[key](mixed, bias, freqs)
+
+
+def _qkv_bias_rope(mixed, bias, freqs, q_per_group: int, head_dim: int):
+    x = mixed if bias is None else mixed + bias
+    s, b = x.shape[:2]
+    x = x.view(s, b, -1, (q_per_group + 2) * head_dim)
+    q, k, v = torch.split(x, [q_per_group * head_dim, head_dim, head_dim], dim=3)
+    rot = freqs.shape[-1]
+    cos, sin = torch.cos(freqs).to(x.dtype), torch.sin(freqs).to(x.dtype)
+
+    def rotate(t):  # megatron's `_apply_rotary_pos_emb_bshd` (non-interleaved, mscale 1)
+        t, rest = t[..., :rot], t[..., rot:]
+        t1, t2 = torch.chunk(t, 2, dim=-1)
+        out = t * cos + torch.cat((-t2, t1), dim=-1) * sin
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+    q = rotate(q.reshape(s, b, -1, head_dim))
+    return q.contiguous(), rotate(k).contiguous(), v.contiguous()
+
+
+def fusable(attn: SelfAttention) -> bool:
+    """Whether the one-kernel path computes what megatron's SelfAttention would for this layer's structure."""
+    cfg = attn.config
+    plain = lambda norm: norm is None or isinstance(norm, IdentityOp)  # the local spec builds IdentityOp
+    return bool(not cfg.attention_output_gate and not cfg.flash_decode and not cfg.rotary_interleaved
+                and plain(attn.q_layernorm) and plain(attn.k_layernorm) and cfg.num_query_groups >= attn.world_size
+                and _yarn_get_concentration_factor_from_config(cfg) == 1.0)
+
+
+class QKVRopeSelfAttention(SelfAttention):
+    """megatron's SelfAttention with the QKV bias and q/k RoPE in one kernel where `fused_qkv_rope` is set
+    (the builder sets it on CUDA with fused kernels, i.e. where config.apply_rope_fusion holds)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused_qkv_rope = bool(self.config.apply_rope_fusion) and fusable(self)
+        self._rope = None
+
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        rope, psp = kwargs.get("rotary_pos_emb"), kwargs.get("packed_seq_params")
+        if not (self.fused_qkv_rope and isinstance(rope, torch.Tensor) and not args
+                and kwargs.get("inference_context") is None and kwargs.get("key_value_states") is None
+                and (psp is None or psp.qkv_format == "sbhd")):
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        self._rope = rope
+        try:  # megatron's forward, with RoPE already applied by get_query_key_value_tensors
+            return super().forward(hidden_states, attention_mask, **{**kwargs, "rotary_pos_emb": None})
+        finally:
+            self._rope = None
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        if self._rope is None or output_gate or not split_qkv:
+            return super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate, split_qkv)
+        lin = self.linear_qkv
+        lin.skip_bias_add = True  # the bias goes into the fused kernel instead of its own broadcast add
+        try:
+            mixed, bias = lin(hidden_states)
+        finally:
+            lin.skip_bias_add = False
+        per_group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        return qkv_bias_rope(mixed, bias, self._rope, per_group, self.hidden_size_per_attention_head)
