@@ -154,8 +154,9 @@ def test_activation_formula_numbers():
     """The per-layer formula at the 7B shape, spelled out (bf16, tp=4 with sequence parallel; see plan.py)."""
     m = ModelSpec.of("qwen25vl-7b")
     h, f, heads, kv, d = 3584, 18944, 28, 4 * 128, 128
-    # on CUDA (the default): fused SwiGLU keeps 3F, compiled RoPE keeps only the shared table, fused rms_norm
-    none = 2 * (4 * h / 4 + (4 * h + 3 * kv + 3 * f) / 4) + 4 * (heads / 4 + 2 / 4)
+    # on CUDA (the default): the fused QKV-bias-RoPE kernel's q, k, v (no QKV buffer, only the shared RoPE table),
+    # fused SwiGLU keeps 3F, fused rms_norm
+    none = 2 * (4 * h / 4 + (3 * h + 2 * kv + 3 * f) / 4) + 4 * (heads / 4 + 2 / 4)
     assert lm_layer_activation_bytes(m, 4, True, "none") == pytest.approx(none)
     assert lm_layer_activation_bytes(m, 4, True, "selective") == pytest.approx(none - 2 * h / 4 - 4 * heads / 4)
     assert lm_layer_activation_bytes(m, 4, True, "full") == 2 * h / 4
@@ -188,8 +189,8 @@ def test_planner_loss_chunk_matches_the_model():
 
 def test_auto_recompute_picks_the_least_that_fits():
     """model.recompute=auto: no recompute when memory is ample; when tight, the setting that rebuilds the fewest
-    forward FLOPs and fits — the MLP of every layer (selective) with the per-block ViT at 32K, every layer and
-    the chunked ViT at 128K; every cheaper setting does not fit."""
+    forward FLOPs and fits — the MLP of every layer (selective) with the per-block ViT at 32K, 35 of the 36 layers
+    (block) and the chunked ViT at 128K; every cheaper setting does not fit."""
     from megatron_mmpl.plan.memory import choose_recompute, recompute_label, recompute_settings
 
     m = ModelSpec.of("qwen25vl-3b")
@@ -213,7 +214,7 @@ def test_auto_recompute_picks_the_least_that_fits():
             assert not plan_config(trial, hw).fits, cheaper
     assert seen[4096][0] == "none"
     assert seen[32768] == ("selective (mlp)", "full")  # measured the fastest on an H200 (docs/PERFORMANCE.md)
-    assert seen[131072] == ("full (uniform, 1 layer(s) per chunk)", "chunked")
+    assert seen[131072] == ("full (block: 35 layer(s) per stage)", "chunked")
 
 
 def test_every_row_length_the_planner_accepts_the_loader_and_cp_split_accept():
