@@ -33,11 +33,24 @@ def qkv_bias_rope(mixed: torch.Tensor, bias: torch.Tensor | None, freqs: torch.T
     q [s, b, ng·q_per_group, d], k and v [s, b, ng, d], contiguous; compiled on CUDA."""
     if not mixed.is_cuda:
         return _qkv_bias_rope(mixed, bias, freqs, q_per_group, head_dim)
-    key = (q_per_group, head_dim, bias is not None)
+    return compiled_qkv_bias_rope(q_per_group, head_dim, bias is not None)(*_sequence_dynamic(mixed, freqs), bias)
+
+
+def compiled_qkv_bias_rope(q_per_group: int, head_dim: int, has_bias: bool):
+    """The compiled function for one head layout. Only the sequence length varies between calls (marked dynamic
+    by `_sequence_dynamic`); heads, head_dim and the rotary width stay static, so the generated forward and
+    backward kernels index with constants (`dynamic=True` made every dimension symbolic: the backward kernel of
+    the ViT block took 11 ms, benchmarks/bench_vit_tower.py --profile, H200, 2026-12-03)."""
+    key = (q_per_group, head_dim, has_bias)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(
-            lambda m, b, f: _qkv_bias_rope(m, b, f, q_per_group, head_dim), dynamic=True)
-    return _COMPILED[key](mixed, bias, freqs)
+        _COMPILED[key] = torch.compile(lambda m, f, b: _qkv_bias_rope(m, b, f, q_per_group, head_dim))
+    return _COMPILED[key]
+
+
+def _sequence_dynamic(mixed: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    for t in (mixed, freqs):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return mixed, freqs
 
 
 def _qkv_bias_rope(mixed, bias, freqs, q_per_group: int, head_dim: int):

@@ -23,9 +23,28 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _take(x: torch.Tensor, start: int, rows: torch.Tensor | None, n: int, length: int) -> torch.Tensor:
     """Rows of n equal blocks of x [s, b, h, d] → [n·b, h, length, d] (a view when they are back to back)."""
-    s, b, h, d = x.shape
     part = x[start:start + n * length] if rows is None else x.index_select(0, rows)
+    return _batched(part, n, length)
+
+
+def _batched(part: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """n blocks back to back [n·length, b, h, d] → [n·b, h, length, d]."""
+    b, h, d = part.shape[1:]
     return part.view(n, length, b, h, d).permute(0, 2, 3, 1, 4).reshape(n * b, h, length, d)
+
+
+def _tiling(plan: GroupPlan, sq: int, sk: int) -> list[int] | None:
+    """Row counts of the groups when they tile self-attention rows [0, sq) back to back in order (a ViT's windows
+    after the tower's regrouping, a pack's samples), else None. Then q, k, v are cut with one `torch.split`, whose
+    backward writes each gradient once (a slice per group would zero-fill and add a full-size gradient per group)."""
+    sizes, at = [], 0
+    for g in plan.groups:
+        if g.q_rows is not None or g.kv_rows is not None or g.q_len != g.kv_len or g.q_start != at \
+                or g.kv_start != at:
+            return None
+        sizes.append(g.n * g.q_len)
+        at += sizes[-1]
+    return sizes if at == sq == sk else None
 
 
 def sdpa_blocks(q, k, v, plan: GroupPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
@@ -36,11 +55,17 @@ def sdpa_blocks(q, k, v, plan: GroupPlan, scale: float, dropout_p: float = 0.0) 
     expand = groups > 1 and q.is_cuda and EXPAND_KV_ON_GPU
     if plan.perm is not None:  # self-attention: one reorder puts every group's rows back to back
         q, k, v = (permute_rows(t, plan.perm, plan.inverse) for t in (q, k, v))
+    sizes = _tiling(plan, q.shape[0], k.shape[0]) if len(plan.groups) > 1 else None
+    if sizes is not None:
+        parts = zip(*(torch.split(t, sizes) for t in (q, k, v)))
     outs = []
     for g in plan.groups:
-        qs = _take(q, g.q_start, g.q_rows, g.n, g.q_len)
-        ks = _take(k, g.kv_start, g.kv_rows, g.n, g.kv_len)
-        vs = _take(v, g.kv_start, g.kv_rows, g.n, g.kv_len)
+        if sizes is not None:
+            qs, ks, vs = (_batched(t, g.n, g.q_len) for t in next(parts))
+        else:
+            qs = _take(q, g.q_start, g.q_rows, g.n, g.q_len)
+            ks = _take(k, g.kv_start, g.kv_rows, g.n, g.kv_len)
+            vs = _take(v, g.kv_start, g.kv_rows, g.n, g.kv_len)
         if expand:
             ks, vs = _expand_kv(ks, groups), _expand_kv(vs, groups)
         mask, is_causal = None, False

@@ -166,3 +166,36 @@ def test_grouped_sdpa_gradients_equal_per_segment():
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     ref = torch.autograd.grad(_reference(q, k, v, cu, False).square().sum(), (q, k, v))
     assert all((a - b).abs().max() <= 1e-5 for a, b in zip(grads, ref))
+
+
+def test_groups_back_to_back_are_cut_by_one_split():
+    """Windows of one size back to back (the ViT tower's regrouping): the groups tile the row in order, q, k, v are
+    cut by one torch.split each (its backward writes each gradient once), and values and gradients equal the
+    reference."""
+    from megatron_mmpl.attention.sdpa import _tiling
+
+    cu = [0, 16, 32, 48, 60, 72, 81]  # three windows of 16, two of 12, one of 9, in that order
+    plan = group_blocks(plan_blocks(cu, False), "cpu")
+    assert plan.perm is None and _tiling(plan, cu[-1], cu[-1]) == [48, 24, 9]
+    q, k, v = (t.requires_grad_() for t in _qkv(cu[-1], b=2, seed=5))
+    out = sdpa_blocks(q, k, v, plan, 1 / math.sqrt(D))
+    seen = set()
+
+    def walk(fn):  # the autograd graph between the output and q
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            for nxt, _ in fn.next_functions:
+                walk(nxt)
+
+    walk(out.grad_fn)
+    names = {type(f).__name__ for f in seen}
+    assert any(n.startswith("Split") for n in names) and not any(n.startswith("Slice") for n in names), names
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_out = _reference(q, k, v, cu, False)
+    ref = torch.autograd.grad(ref_out.square().sum(), (q, k, v))
+    assert (out.reshape(cu[-1], 2, -1) - ref_out).abs().max() <= TOL
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(grads, ref))
+    apart = group_blocks(plan_blocks([0, 16, 28, 44], False), "cpu")  # the 16s not adjacent: the plan's reorder
+    assert apart.perm is not None and _tiling(apart, 44, 44) == [32, 12]  # puts them back to back first
+    cp = group_blocks(plan_blocks([0, 16, 32], True, 0, 2), "cpu")  # CP: keys are not the queries' own rows
+    assert _tiling(cp, 16, 32) is None
