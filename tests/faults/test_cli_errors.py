@@ -17,12 +17,13 @@ import pytest
 from megatron_mmpl.cli import main
 from megatron_mmpl.data.shards import load_index, load_shard_samples
 from megatron_mmpl.models.qwen25vl.presets import preset_dict
+from tests.child_env import child_env
 from tests.distributed.train_helpers import needle_shards, overrides
 
 pytestmark = pytest.mark.integration
 
 RECIPE = "examples/recipes/quickstart.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.getcwd()}
+ENV = child_env()
 
 
 def _one_line(capsys, argv) -> str:

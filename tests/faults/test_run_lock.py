@@ -3,7 +3,6 @@ first's losses.tsv stays one clean sequence; a lock left by a kill -9'd process 
 
 from __future__ import annotations
 
-import os
 import queue
 import signal
 import socket
@@ -14,12 +13,13 @@ import time
 
 import pytest
 
+from tests.child_env import child_env
 from tests.distributed.train_helpers import overrides
 
 pytestmark = pytest.mark.integration
 
 RECIPE = "examples/recipes/quickstart.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.getcwd()}
+ENV = child_env()
 
 
 def _train(args: list[str]) -> list[str]:
@@ -50,7 +50,7 @@ def _steps(run) -> list[int]:
 def test_second_trainer_on_a_run_dir_stops_with_one_line(tmp_path):
     run = tmp_path / "run"
     args = overrides(str(tmp_path), f"run_dir={run}", "schedule.train_steps=500", "checkpoint.interval=1000")
-    first = subprocess.Popen(_train(args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    first = subprocess.Popen(_train(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     try:
         _wait_for(first, "step 1/")
         second = subprocess.run(_train(args), capture_output=True, text=True, env=ENV, timeout=300)

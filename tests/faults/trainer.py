@@ -14,8 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.child_env import child_env
+
 RECIPE = "examples/recipes/quickstart.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.getcwd()}
+ENV = child_env()
 
 
 def train_cmd(args: list[str], nproc: int = 1) -> list[str]:

@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 from megatron_mmpl.storage.run_lock import LOCK_NAME, RunDirLocked, RunLock, read_holder
+from tests.child_env import child_env
 
 pytestmark = pytest.mark.unit
 
@@ -31,7 +32,7 @@ HOLDER = textwrap.dedent("""
 
 def _holder(run_dir, fork: bool = False) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), "fork" if fork else "-"],
-                         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                         stdout=subprocess.PIPE, text=True, env=child_env())
     assert p.stdout.readline().strip() == "locked"
     return p
 
