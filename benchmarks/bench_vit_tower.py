@@ -6,6 +6,7 @@ default `model.vit_recompute`); the input is 26 page images of 80×62 patches (t
 bench_e2e.py), random pixels (the tower's cost does not depend on them). FLOPs: training/flops.py's ViT count.
 
     python benchmarks/bench_vit_tower.py [--model qwen25vl-3b] [--images 26] [--grid 80 62] [--profile [--trace FILE]]
+                                         [--ablate]
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ def patch_embed_forms(vit, n: int) -> None:
           f"({t_conv / t_gemm:.1f}x), max |Δ| of outputs {err:.2e}")
 
 
+def set_fusions(vit, off: tuple[str, ...]) -> None:
+    """Turn the tower's CUDA fusions off by name ("qkv-rope": QKVRopeSelfAttention's one kernel; "bias-dropout":
+    megatron's compiled bias-dropout-add) or back on; both are read at forward time."""
+    from megatron_mmpl.attention.qkv_rope import QKVRopeSelfAttention, fusable
+
+    for mod in vit.modules():
+        if isinstance(mod, QKVRopeSelfAttention):
+            mod.fused_qkv_rope = "qkv-rope" not in off and bool(mod.config.apply_rope_fusion) and fusable(mod)
+        if hasattr(mod, "config"):
+            mod.config.bias_dropout_fusion = "bias-dropout" not in off
+
+
 def run_mode(args, cfg, spec, layout, grid, flops: float, peak: float | None, first: bool) -> None:
     """Time (and on the first mode, profile) the tower built under cfg.model.vit_recompute."""
     from megatron_mmpl.training.model_provider import build_model_chunk
@@ -82,6 +95,15 @@ def run_mode(args, cfg, spec, layout, grid, flops: float, peak: float | None, fi
     mfu = f", MFU {flops / sec / 1e12 / peak:.1%}" if peak else ""
     print(f"vit_recompute={mode}: fwd+bwd {sec:.3f} s, {flops / sec / 1e12:.0f} TFLOP/s{mfu}, peak {peak_gib:.1f} "
           f"GiB; forward alone (no grad) {fwd:.3f} s, {flops / 3 / fwd / 1e12:.0f} TFLOP/s")
+    if args.ablate and first:
+        for off in (("qkv-rope",), ("bias-dropout",), ("qkv-rope", "bias-dropout")):
+            set_fusions(vit, off)
+            a = timed(step, warmup=1, reps=3)
+            with torch.no_grad():
+                f = timed(lambda: vit(pixels, grid), warmup=1, reps=3)
+            print(f"  without {' + '.join(off)}: fwd+bwd {a:.3f} s ({a / sec - 1:+.1%}), forward alone {f:.3f} s "
+                  f"({f / fwd - 1:+.1%})")
+        set_fusions(vit, ())
     if args.profile and first:
         from torch.profiler import ProfilerActivity, profile
 
@@ -101,6 +123,9 @@ def main() -> None:
     p.add_argument("--recompute", nargs="+", default=["chunked", "none"], help="model.vit_recompute values")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one forward + backward")
     p.add_argument("--trace", default=None, help="with --profile: write the Chrome trace (JSON) here")
+    p.add_argument("--ablate", action="store_true",
+                   help="also time the first mode with the QKV-bias-RoPE kernel, the bias-dropout-add fusion, or both "
+                        "turned off (same tower, same inputs)")
     args = p.parse_args()
 
     from megatron_mmpl.config import load_config
