@@ -93,6 +93,19 @@ class Cluster:
         self.wait_until(done, timeout, f"job {job} to finish (state {self.state(job)!r})")
         return final["s"]
 
+    def nodes_idle(self) -> bool:
+        """Every node idle (no job on it, its epilog done)."""
+        r = self.run("sinfo", "-h", "-N", "-o", "%t", check=False)
+        states = r.stdout.split()
+        return bool(states) and all(s == "idle" for s in states)
+
+    def diagnosis(self, job: str, lines: int = 40) -> str:
+        """What Slurm knows of a job, and the tail of the daemons' logs (for a failure message)."""
+        parts = [self.run("scontrol", "show", "job", job, check=False).stdout]
+        for log in sorted((self.root / "log").glob("*.log")):
+            parts.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(parts)
+
     def cancel_all(self) -> None:
         for job in self.jobs:
             self.run("scancel", job, check=False)

@@ -93,8 +93,14 @@ def test_signal_to_steps_and_requeue_from_batch_shell(slurm_cluster, tmp_path): 
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
     slurm_cluster.wait_until(lambda: "requeueing job" in _read(out), 300, "the job to requeue itself")
     slurm_cluster.wait_until(lambda: slurm_cluster.field(job, "Restarts") == "1", 120, "restart count 1")
-    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue delay
-    assert slurm_cluster.wait_done(job, 300) == "COMPLETED", _read(out)
+    # Skip Slurm's requeue delay, but start the second run only once the first has left both nodes and in a later
+    # second: slurmd revokes the first run's credential, and Slurm compares credential times in whole seconds, so
+    # a restart within the revocation's second is refused ("Killing non-startable batch JobId=…: Job credential
+    # revoked" in slurmctld.log) and the job ends FAILED — 2 of 4 runs on a 2-core host before this wait.
+    slurm_cluster.wait_until(slurm_cluster.nodes_idle, 120, "both nodes idle after the requeue")
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now+2")
+    final = slurm_cluster.wait_done(job, 300)
+    assert final == "COMPLETED", f"{final}\n{_read(out)}\n{slurm_cluster.diagnosis(job)}"
     text = _read(out)
     assert "SIGUSR1: asking the trainer to save and stop" in text and "RANK 1 stopping on signal [10]" in text
     assert f"job {job} restart 1:" in text and text.count("trainer exited with 0") == 2, text
