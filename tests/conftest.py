@@ -11,6 +11,16 @@ import torch
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 os.environ.setdefault("MMPL_RANK_DEVICE", "cpu")
 
+# Under pytest-xdist (`-n N`) each worker takes its share of the cores, and so do the ranks and subprocesses it
+# starts (parallel/spawn.py splits the worker's torch threads between its ranks). Without this, N workers at one
+# thread per core each, plus their ranks, oversubscribe the cores: `-n 14` on the 16-core GPU host reached 5 % of
+# the suite in 190 s (2026-12-03), likely for that reason.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    _share = max(1, (os.cpu_count() or 1) // _workers)
+    torch.set_num_threads(_share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

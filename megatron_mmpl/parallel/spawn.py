@@ -62,7 +62,7 @@ def rank_device(world_size: int, device: str = "auto") -> str:
     return device
 
 
-def _rank_main(fn, rank, world_size, port, env, args_bytes, queue):
+def _rank_main(fn, rank, world_size, port, env, args_bytes, queue, threads):
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
@@ -70,7 +70,7 @@ def _rank_main(fn, rank, world_size, port, env, args_bytes, queue):
     )
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(threads)
     try:
         queue.put((rank, True, pickle.dumps(fn(*pickle.loads(args_bytes)))))
     except BaseException:  # noqa: BLE001 - surfaced to the parent with its traceback
@@ -103,8 +103,13 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, env: dic
     # Arguments and results travel as plain pickles (tensor data inline): multiprocessing's own reducer would
     # pass one file descriptor per tensor, which runs out with many tensors and dies with the sending process.
     args_bytes = pickle.dumps(args)
+    # The ranks share the caller's thread budget (its torch threads: the machine's cores, or the share a test
+    # runner gave this process), so parallel callers do not oversubscribe the cores.
+    import torch
+
+    threads = max(1, torch.get_num_threads() // world_size)
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, env, args_bytes, queue))
+        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, env, args_bytes, queue, threads))
         for r in range(world_size)
     ]
     with _environ(env):  # before the child starts: CUDA_VISIBLE_DEVICES is read at its first CUDA call
