@@ -33,24 +33,37 @@ def qkv_bias_rope(mixed: torch.Tensor, bias: torch.Tensor | None, freqs: torch.T
     q [s, b, ng·q_per_group, d], k and v [s, b, ng, d], contiguous; compiled on CUDA."""
     if not mixed.is_cuda:
         return _qkv_bias_rope(mixed, bias, freqs, q_per_group, head_dim)
-    return compiled_qkv_bias_rope(q_per_group, head_dim, bias is not None)(*_sequence_dynamic(mixed, freqs), bias)
+    return compiled_qkv_bias_rope(q_per_group, head_dim, bias is not None)(*sequence_dynamic(mixed, freqs), bias)
 
 
 def compiled_qkv_bias_rope(q_per_group: int, head_dim: int, has_bias: bool):
     """The compiled function for one head layout. Only the sequence length varies between calls (marked dynamic
-    by `_sequence_dynamic`); heads, head_dim and the rotary width stay static, so the generated forward and
-    backward kernels index with constants (`dynamic=True` made every dimension symbolic: the backward kernel of
-    the ViT block took 11 ms, benchmarks/bench_vit_tower.py --profile, H200, 2026-12-03)."""
+    by `sequence_dynamic`)."""
     key = (q_per_group, head_dim, has_bias)
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(lambda m, f, b: _qkv_bias_rope(m, b, f, q_per_group, head_dim))
     return _COMPILED[key]
 
 
-def _sequence_dynamic(mixed: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    for t in (mixed, freqs):
+def sequence_dynamic(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Mark dim 0 (the sequence) of each input to a compiled RoPE function dynamic, so one graph serves every row
+    length while heads, head_dim and the rotary width stay static and the generated kernels index with constants.
+    `dynamic=True` made every dimension symbolic: the fused kernel's backward then took 11 ms per ViT block, ~7×
+    its forward (benchmarks/bench_vit_tower.py --profile, H200, 2026-12-03)."""
+    for t in tensors:
         torch._dynamo.maybe_mark_dynamic(t, 0)
-    return mixed, freqs
+    return tensors
+
+
+def rope_bshd(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """megatron's `_apply_rotary_pos_emb_bshd` (non-interleaved, mscale 1): t [s, b, h, d], freqs [s, b|1, 1, r]
+    (r ≤ d: the rest of d passes through)."""
+    rot = freqs.shape[-1]
+    x, rest = t[..., :rot], t[..., rot:]
+    cos, sin = torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype)
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    out = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
 def _qkv_bias_rope(mixed, bias, freqs, q_per_group: int, head_dim: int):
@@ -58,17 +71,8 @@ def _qkv_bias_rope(mixed, bias, freqs, q_per_group: int, head_dim: int):
     s, b = x.shape[:2]
     x = x.view(s, b, -1, (q_per_group + 2) * head_dim)
     q, k, v = torch.split(x, [q_per_group * head_dim, head_dim, head_dim], dim=3)
-    rot = freqs.shape[-1]
-    cos, sin = torch.cos(freqs).to(x.dtype), torch.sin(freqs).to(x.dtype)
-
-    def rotate(t):  # megatron's `_apply_rotary_pos_emb_bshd` (non-interleaved, mscale 1)
-        t, rest = t[..., :rot], t[..., rot:]
-        t1, t2 = torch.chunk(t, 2, dim=-1)
-        out = t * cos + torch.cat((-t2, t1), dim=-1) * sin
-        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
-
-    q = rotate(q.reshape(s, b, -1, head_dim))
-    return q.contiguous(), rotate(k).contiguous(), v.contiguous()
+    q = rope_bshd(q.reshape(s, b, -1, head_dim), freqs)
+    return q.contiguous(), rope_bshd(k, freqs).contiguous(), v.contiguous()
 
 
 def fusable(attn: SelfAttention) -> bool:

@@ -4,8 +4,9 @@ megatron-core 0.16.1 `apply_rotary_pos_emb` (models/common/embeddings/rope_utils
 `fused_apply_rotary_pos_emb(t, freqs, interleaved=...)` when `config.apply_rope_fusion` is set, and
 `TransformerConfig.__post_init__` refuses the flag while that global is None (it is TE's kernel). Its unfused
 path runs ~8 elementwise kernels per call and keeps cos/sin per call for the backward. We fill the slot with the
-same formula compiled by torch.compile: one fused kernel forward and backward, keeping only the shared position
-table. Written for megatron-core 0.16.1 (the package's version check, compat/__init__.py, guards it).
+same formula (attention/qkv_rope.py's `rope_bshd`) compiled by torch.compile with only the length dynamic: one
+fused kernel forward and backward, keeping only the shared position table. Written for megatron-core 0.16.1 (the
+package's version check, compat/__init__.py, guards it).
 """
 
 from __future__ import annotations
@@ -13,17 +14,9 @@ from __future__ import annotations
 import torch
 from megatron.core.models.common.embeddings import rope_utils
 
+from megatron_mmpl.attention.qkv_rope import rope_bshd, sequence_dynamic
+
 _COMPILED = {}
-
-
-def _rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """megatron's `_apply_rotary_pos_emb_bshd` (non-interleaved, mscale 1): t [s, b, h, d], freqs [s, b|1, 1, r]."""
-    rot = freqs.shape[-1]
-    x, rest = t[..., :rot], t[..., rot:]
-    cos, sin = torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype)
-    x1, x2 = torch.chunk(x, 2, dim=-1)
-    out = x * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
 def fused_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **_):
@@ -31,8 +24,8 @@ def fused_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, interleaved
     if interleaved:
         raise NotImplementedError("interleaved RoPE has no compiled kernel here; set apply_rope_fusion=False")
     if "rope" not in _COMPILED:
-        _COMPILED["rope"] = torch.compile(_rope, dynamic=True)
-    return _COMPILED["rope"](t, freqs)
+        _COMPILED["rope"] = torch.compile(rope_bshd)
+    return _COMPILED["rope"](*sequence_dynamic(t, freqs))
 
 
 def install() -> None:

@@ -70,7 +70,7 @@ def test_compiled_kernel_equals_eager_and_compiles_once_for_every_length():
     and three sequence lengths share one graph (the length is marked dynamic: no recompile per row length)."""
     from torch._dynamo.utils import counters
 
-    from megatron_mmpl.attention.qkv_rope import _qkv_bias_rope, _sequence_dynamic, compiled_qkv_bias_rope
+    from megatron_mmpl.attention.qkv_rope import _qkv_bias_rope, compiled_qkv_bias_rope, sequence_dynamic
 
     torch._dynamo.reset()
     counters.clear()
@@ -81,7 +81,7 @@ def test_compiled_kernel_equals_eager_and_compiles_once_for_every_length():
         mixed = torch.randn(s, 1, groups * (per_group + 2) * d, generator=g, requires_grad=True)
         bias = torch.randn(mixed.shape[-1], generator=g, requires_grad=True)
         freqs = 3 * torch.randn(s, 1, 1, rot, generator=g)
-        got = fn(*_sequence_dynamic(mixed, freqs), bias)
+        got = fn(*sequence_dynamic(mixed, freqs), bias)
         ref = _qkv_bias_rope(mixed, bias, freqs, per_group, d)
         dys = [torch.randn(t.shape, generator=g) for t in ref]
         assert max((a - b).abs().max().item() for a, b in zip(got, ref)) <= 1e-5

@@ -69,10 +69,11 @@ def test_destroy_parallel_closes_every_socket_the_groups_opened():
 
 
 def test_compiled_rope_formula_is_megatrons():
-    """compat/cuda_rope.py's formula (compiled on CUDA) equals megatron's unfused bshd RoPE (eager, CPU fp32)."""
+    """The RoPE formula compat/cuda_rope.py compiles on CUDA (attention/qkv_rope.py's `rope_bshd`, also inside the
+    fused QKV kernel) equals megatron's unfused bshd RoPE (eager, CPU fp32)."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-    from megatron_mmpl.compat.cuda_rope import _rope
+    from megatron_mmpl.attention.qkv_rope import rope_bshd as _rope
 
     g = torch.Generator().manual_seed(0)
     t, freqs = torch.randn(7, 1, 3, 16, generator=g), torch.randn(7, 1, 1, 16, generator=g)
