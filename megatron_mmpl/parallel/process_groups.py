@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from megatron_mmpl.compat.cpu_runtime import apply_cpu_runtime, remove_cpu_runtime
 from megatron_mmpl.compat.parallel_state import release_leftover_groups
+from megatron_mmpl.errors import UserError
 from megatron_mmpl.parallel.ports import free_port
 
 
@@ -40,6 +41,20 @@ class Layout:
             )
 
 
+def check_gpus_per_node() -> None:
+    """One GPU per rank: more ranks on this node (LOCAL_WORLD_SIZE, set by torchrun and srun tasks) than visible
+    GPUs stops every rank with the same line, before any rendezvous (a rank past the last GPU would fail alone
+    with CUDA's "invalid device ordinal" while the others wait for it)."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    gpus = torch.cuda.device_count()
+    if max(ranks, local + 1) > gpus:
+        raise UserError(
+            f"{max(ranks, local + 1)} ranks on this node but {gpus} visible GPU(s): start at most {gpus} per node "
+            f"(torchrun --nproc_per_node={gpus}, or the launcher's MMPL_GPUS_PER_NODE), or hide the GPUs "
+            "(CUDA_VISIBLE_DEVICES=) to run the ranks on CPU")
+
+
 def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, backend: str | None = None,
                         timeout_s: float | None = None) -> Layout:
     """Initialise torch.distributed from the env (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and megatron's groups;
@@ -53,6 +68,7 @@ def initialize_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
     if not cuda:
         apply_cpu_runtime()
     else:
+        check_gpus_per_node()
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         # One process without a launcher: a private rendezvous, not MASTER_* left in os.environ for the children

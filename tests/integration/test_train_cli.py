@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron_mmpl.cli import main
 from megatron_mmpl.models.qwen25vl.presets import preset_dict
 from megatron_mmpl.training.checkpoint import latest_step
+from tests.child_env import child_env
 from tests.distributed.train_helpers import overrides
 
 pytestmark = pytest.mark.integration
@@ -75,7 +76,7 @@ def test_signal_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     run = tmp_path / "run"
     args = overrides(str(tmp_path), f"run_dir={run}", "schedule.train_steps=500", "checkpoint.interval=1000",
                      "data.global_batch_size=2", "parallel.tp=2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = child_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "megatron_mmpl.cli", "train", "--config", RECIPE, *args],
