@@ -13,7 +13,7 @@ SEQ = 96
 TOL = 1e-6  # fp32: same operations in the same order; observed 0 to ~1e-7
 
 
-def _compare():
+def _compare(tp: int = 1):
     from megatron.core.transformer.spec_utils import build_module
     from transformers import Qwen2_5_VLConfig
 
@@ -23,8 +23,8 @@ def _compare():
     from megatron_mmpl.models.qwen25vl.specs import language_layer_spec, packed_seq_params, vision_layer_spec
     from megatron_mmpl.parallel.process_groups import destroy_parallel, initialize_parallel
 
-    initialize_parallel()
-    cfgs = megatron_configs(Qwen2_5_VLConfig(**preset_dict("tiny")), dtype=torch.float32)
+    initialize_parallel(tp=tp)
+    cfgs = megatron_configs(Qwen2_5_VLConfig(**preset_dict("tiny")), tp=tp, dtype=torch.float32)
     out = {}
     for name, spec, cfg, cu in (("lm", language_layer_spec("sdpa"), cfgs.language, [0, 40, SEQ]),
                                 ("vit", vision_layer_spec((), "sdpa"), cfgs.vision, [0, 16, 32, 48, 64, 80, SEQ])):
@@ -55,13 +55,15 @@ def _compare():
     return out
 
 
-def test_fused_path_equals_megatrons():
-    (got,) = run_distributed(_compare, 1, timeout=300, device="cpu")
-    assert got["lm_fusable"] and got["vit_fusable"]
-    assert got["lm_bias"] and got["vit_bias"]  # both towers carry a QKV bias, which the kernel adds
-    for tower in ("lm", "vit"):
-        assert len(got[tower]) > 8, got[tower]  # out, dx and every parameter's gradient
-        assert max(got[tower].values()) <= TOL, got[tower]
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fused_path_equals_megatrons(tp):
+    """tp=2: each rank's heads (the LM: 2 q heads in 1 KV group; the ViT: 1 head) through the kernel."""
+    for got in run_distributed(_compare, tp, tp, timeout=300, device="cpu"):
+        assert got["lm_fusable"] and got["vit_fusable"]
+        assert got["lm_bias"] and got["vit_bias"]  # both towers carry a QKV bias, which the kernel adds
+        for tower in ("lm", "vit"):
+            assert len(got[tower]) > 8, got[tower]  # out, dx and every parameter's gradient
+            assert max(got[tower].values()) <= TOL, got[tower]
 
 
 def test_compiled_kernel_equals_eager_and_compiles_once_for_every_length():
