@@ -45,12 +45,11 @@ def check_gpus_per_node() -> None:
     """One GPU per rank: more ranks on this node (LOCAL_WORLD_SIZE, set by torchrun and srun tasks) than visible
     GPUs stops every rank with the same line, before any rendezvous (a rank past the last GPU would fail alone
     with CUDA's "invalid device ordinal" while the others wait for it)."""
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    ranks = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0")) + 1)
     gpus = torch.cuda.device_count()
-    if max(ranks, local + 1) > gpus:
+    if ranks > gpus:
         raise UserError(
-            f"{max(ranks, local + 1)} ranks on this node but {gpus} visible GPU(s): start at most {gpus} per node "
+            f"{ranks} ranks on this node but {gpus} visible GPU(s): start at most {gpus} per node "
             f"(torchrun --nproc_per_node={gpus}, or the launcher's MMPL_GPUS_PER_NODE), or hide the GPUs "
             "(CUDA_VISIBLE_DEVICES=) to run the ranks on CPU")
 
