@@ -85,12 +85,13 @@ def fusable(attn: SelfAttention) -> bool:
 
 
 class QKVRopeSelfAttention(SelfAttention):
-    """megatron's SelfAttention with the QKV bias and q/k RoPE in one kernel where `fused_qkv_rope` is set
-    (the builder sets it on CUDA with fused kernels, i.e. where config.apply_rope_fusion holds)."""
+    """megatron's SelfAttention with the QKV bias and q/k RoPE in one kernel where `fused_qkv_rope` is set: the
+    spec asks for it (`fused_qkv_rope=True`) and the config runs fused kernels (config.apply_rope_fusion, i.e.
+    CUDA with model.fused_kernels) on a layer `fusable` accepts."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, fused_qkv_rope: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fused_qkv_rope = bool(self.config.apply_rope_fusion) and fusable(self)
+        self.fused_qkv_rope = fused_qkv_rope and bool(self.config.apply_rope_fusion) and fusable(self)
         self._rope = None
 
     def forward(self, hidden_states, attention_mask, *args, **kwargs):

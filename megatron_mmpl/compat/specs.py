@@ -1,6 +1,6 @@
-"""Layer specs: megatron's local GPT spec (`get_gpt_layer_local_spec`) with our CoreAttention and the fused
-QKV-bias-RoPE SelfAttention swapped in, and a torch RMSNorm built by megatron's norm constructor; nothing else
-changed."""
+"""Layer specs: megatron's local GPT spec (`get_gpt_layer_local_spec`) with our CoreAttention and the QKV-bias-RoPE
+SelfAttention swapped in (its one-kernel path where the spec asks for it), and a torch RMSNorm built by megatron's
+norm constructor; nothing else changed."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from megatron_mmpl.attention.core_attention import CoreAttention
 from megatron_mmpl.attention.qkv_rope import QKVRopeSelfAttention
 
 
-def with_core_attention(layer_spec: ModuleSpec, backend: str | None = None) -> ModuleSpec:
+def with_core_attention(layer_spec: ModuleSpec, backend: str | None = None,
+                        fused_qkv_rope: bool = False) -> ModuleSpec:
     """Copy of a TransformerLayer spec whose self-attention uses CoreAttention (`backend` overrides the config),
-    inside megatron's SelfAttention with the QKV bias and RoPE fused (attention/qkv_rope.py)."""
+    inside megatron's SelfAttention; `fused_qkv_rope`: its QKV bias and RoPE as one kernel on CUDA
+    (attention/qkv_rope.py; where that is faster is measured per tower, see the callers)."""
     spec = copy.deepcopy(layer_spec)
     attn = spec.submodules.self_attention
     if attn is None or not hasattr(attn.submodules, "core_attention"):
@@ -26,6 +28,7 @@ def with_core_attention(layer_spec: ModuleSpec, backend: str | None = None) -> M
     if attn.module is not SelfAttention:
         raise ValueError(f"layer spec's self_attention is {attn.module.__name__}, not megatron's SelfAttention")
     attn.module = QKVRopeSelfAttention
+    attn.params = {**attn.params, "fused_qkv_rope": fused_qkv_rope}
     params = {"backend": check_backend(backend)} if backend else {}
     attn.submodules.core_attention = ModuleSpec(module=CoreAttention, params=params)
     return spec

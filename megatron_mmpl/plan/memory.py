@@ -100,7 +100,7 @@ def checkpoint_bytes(m: ModelSpec, dtype: str) -> int:
 
 def layer_activation_bytes(h: int, heads: int, kv: int, ffn: int, head_dim: int, tp: int, sp: bool,
                            recompute: str, elem: int = 2, cp_gathered: bool = False, cuda: bool = True,
-                           modules: tuple[str, ...] = ("core_attn",)) -> float:
+                           modules: tuple[str, ...] = ("core_attn",), fused_qkv: bool = False) -> float:
     """Bytes one transformer layer (LM or ViT block, as this trainer builds them) keeps for backward per token of
     the rank's sequence (the whole row, or its CP share; sequence parallel shards only the norm regions),
     K/V of the CP all-gather excluded (see `gathered_kv_bytes`). q = heads·head_dim; kv = groups·head_dim.
@@ -109,8 +109,9 @@ def layer_activation_bytes(h: int, heads: int, kv: int, ffn: int, head_dim: int,
     tests/unit/plan/test_activation_memory.py checks this against real layers to the byte on CPU, and on a GPU),
     in elements of the activation dtype per token; `sp` divides the norm regions by tp, else replicated:
       norms: RMSNorm input and the linear input after it, before attention and before the MLP: 4h/sp;
-      attention: SDPA's q, k, v inputs — `cuda`: the fused QKV-bias-RoPE kernel's three tensors (q + 2kv);
-        else RoPE'd q (q) and k (kv) and the QKV output buffer (q + 2kv, alive because v is a view of it);
+      attention: SDPA's q, k, v inputs — `fused_qkv` (the ViT on CUDA): the one QKV-bias-RoPE kernel's three
+        tensors (q + 2kv); else RoPE'd q (q) and k (kv) and the QKV output buffer (q + 2kv, alive because v is a
+        view of it);
         SDPA's output q and the out-proj input q;
       MLP: fc1 output [gate; up] 2F/tp and the fc2 input F/tp (`cuda`: megatron's fused SwiGLU keeps only
         those), or unfused 2F + 3F (a copy of gate, silu(gate), silu(gate)·up);
@@ -129,7 +130,7 @@ def layer_activation_bytes(h: int, heads: int, kv: int, ffn: int, head_dim: int,
     if recompute == "full":
         return elem * h / sp_div
     mods = set(modules) if recompute == "selective" else set()
-    qkv = q if cp_gathered else (q + 2 * kv if cuda else q + kv + (q + 2 * kv))
+    qkv = q if cp_gathered else (q + 2 * kv if fused_qkv else q + kv + (q + 2 * kv))
     mlp = 0 if "mlp" in mods else (3 if cuda else 5) * ffn
     elems = (4 if cuda else 6) * h / sp_div + (qkv + 2 * q + mlp) / tp
     extra = 4 * (heads / tp + 2 / sp_div) + (0 if cuda else 4 * 4 * head_dim)
@@ -166,7 +167,7 @@ def vit_block_activation_bytes(m: ModelSpec, tp: int, recompute: str, elem: int 
         view = v.hidden_size / tp if recompute == "none" else 0  # selective rebuilds that output anyway
         frames = 0 if windowed or recompute == "full" else elem * (v.hidden_size - view)
         return frames + layer_activation_bytes(v.hidden_size, v.num_heads, v.hidden_size, v.built_ffn, v.head_dim,
-                                               tp, False, recompute, elem, False, cuda)
+                                               tp, False, recompute, elem, False, cuda, fused_qkv=cuda)
 
     if windowed is not None:
         return one(windowed)

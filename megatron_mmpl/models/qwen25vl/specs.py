@@ -76,7 +76,10 @@ def _with_norms(spec: ModuleSpec) -> ModuleSpec:
 
 
 def language_layer_spec(backend: str | None = None) -> ModuleSpec:
-    """The LM decoder layer: megatron local spec (RMSNorm, GQA with qkv bias, SwiGLU) + CoreAttention."""
+    """The LM decoder layer: megatron local spec (RMSNorm, GQA with qkv bias, SwiGLU) + CoreAttention. Its QKV
+    bias and M-RoPE stay megatron's (bias add, compiled RoPE of q and k): the one-kernel path made the whole 3B
+    job at 32K 7 % slower than with it off in the LM only (7,245 vs 7,823 tokens/s, benchmarks/bench_e2e.py,
+    H200, 2026-12-04; docs/PERFORMANCE.md)."""
 
     return _with_norms(gpt_layer_spec(normalization="RMSNorm", backend=backend))
 
@@ -89,10 +92,11 @@ def block_spec(layer_spec: ModuleSpec, config, vp_stage: int | None = None) -> T
 
 
 def vision_layer_spec(full_attention_layers, backend: str | None = None) -> ModuleSpec:
-    """The ViT block: same local pieces, bidirectional CoreAttention, window/full chosen per layer."""
-
-
-    spec = _with_norms(with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), backend))
+    """The ViT block: same local pieces, bidirectional CoreAttention, window/full chosen per layer, QKV bias and
+    RoPE as one kernel on CUDA (the tower's forward + backward 19 % faster with both of its fusions,
+    benchmarks/bench_vit_tower.py, H200, 2026-12-04; docs/PERFORMANCE.md)."""
+    spec = _with_norms(with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), backend,
+                                           fused_qkv_rope=True))
     spec.module = VisionTransformerLayer
     spec.params = {**spec.params, "full_attention_layers": tuple(int(i) for i in full_attention_layers)}
     spec.submodules.self_attention.params = {**spec.submodules.self_attention.params,

@@ -32,7 +32,7 @@ def _compare(tp: int = 1):
         layer = build_module(spec, config=cfg, layer_number=1)
         attn = layer.self_attention
         assert isinstance(attn, QKVRopeSelfAttention) and not attn.fused_qkv_rope  # CPU: megatron's path
-        out[name + "_fusable"] = fusable(attn)  # on CUDA (apply_rope_fusion) these layers take the fused path
+        out[name + "_fusable"] = fusable(attn)  # the one-kernel path applies (the ViT takes it on CUDA)
         with torch.no_grad():
             for p in layer.parameters():
                 p.normal_(0, 0.5) if p.dim() < 2 else p.normal_(0, p.shape[-1] ** -0.5)

@@ -52,8 +52,8 @@ def _saved_bytes(module, x, **kw) -> int:
 
 
 def _fused_qkv_rope(module) -> set[bool]:
-    """Whether each self-attention of `module` takes the one-kernel QKV-bias-RoPE path (the cuda=True formula's
-    q, k, v assume it does)."""
+    """Whether each self-attention of `module` takes the one-kernel QKV-bias-RoPE path (the formula's q, k, v
+    assume it does in the ViT on CUDA, and nowhere else)."""
     from megatron_mmpl.attention.qkv_rope import QKVRopeSelfAttention
 
     return {m.fused_qkv_rope for m in module.modules() if isinstance(m, QKVRopeSelfAttention)}
@@ -96,7 +96,7 @@ def _measure(tp: int, preset: str = "tiny", seq: int = SEQ, cu=tuple(CU), cu_vit
         else:
             lm = build_module(language_layer_spec("sdpa"), config=cfgs.language, layer_number=1)
         lm.to(dev)
-        out.setdefault("fused_qkv_rope", set()).update(_fused_qkv_rope(lm))
+        out.setdefault("lm_fused_qkv_rope", set()).update(_fused_qkv_rope(lm))
         x = torch.randn(seq // tp, 1, h, device=dev, dtype=dtype, requires_grad=True)  # SP: this rank's rows
         rope = torch.randn(seq, 1, 1, h // cfgs.language.num_attention_heads, device=dev)
         saved = _saved_bytes(lm, x, rotary_pos_emb=rope, packed_seq_params=psp)
@@ -113,7 +113,7 @@ def _measure(tp: int, preset: str = "tiny", seq: int = SEQ, cu=tuple(CU), cu_vit
                 frame_rows=frame_rows, block_rows=block_rows, frame_rope=ropev[frame_rows])
             for kind, full_layers in (("window", ()), ("full", (0,))):
                 vit = build_module(vision_layer_spec(full_layers, "sdpa"), config=cfgs.vision, layer_number=1).to(dev)
-                out["fused_qkv_rope"].update(_fused_qkv_rope(vit))
+                out.setdefault("vit_fused_qkv_rope", set()).update(_fused_qkv_rope(vit))
                 out[f"vit_{kind}_{recompute}"] = (_saved_bytes(vit, xv, rotary_pos_emb=ropev, packed_seq_params=segs)
                                                   + xv.nbytes) / seq
                 del vit
@@ -130,7 +130,8 @@ def test_formula_matches_saved_tensors():
     # math SDPA, which is what a CPU keeps (the GPU kernels are the bf16 test below), and 2 ranks need no 2 GPUs.
     measured = run_distributed(_measure, 2, 2, timeout=300, device="cpu")
     for rank_result in measured:
-        assert rank_result["fused_qkv_rope"] == {False}  # CPU: megatron's own QKV bias and RoPE
+        # CPU: megatron's own QKV bias and RoPE in both towers
+        assert rank_result["lm_fused_qkv_rope"] == rank_result["vit_fused_qkv_rope"] == {False}
         lm = lm_layer_activation_bytes(m, 2, True, "selective", elem=4, cuda=False, modules=SELECTIVE_MLP)
         assert rank_result["lm_selective_mlp"] == pytest.approx(lm, rel=1e-4), (rank_result, lm)
         for recompute in ("none", "selective"):
@@ -159,7 +160,8 @@ def test_formula_matches_saved_tensors_7b_bf16_on_gpu():
     seq = 8192
     (got,) = run_distributed(_measure, 1, 1, "qwen25vl-7b", seq, (0, 1000, 5000, seq),
                              VIT_WINDOWS_8K, True, timeout=600, device="cuda")
-    assert got["fused_qkv_rope"] == {True}, "every LM layer and ViT block takes the fused QKV-bias-RoPE path"
+    assert got["vit_fused_qkv_rope"] == {True}, "every ViT block takes the one-kernel QKV-bias-RoPE path"
+    assert got["lm_fused_qkv_rope"] == {False}, "LM layers keep megatron's QKV bias and compiled RoPE"
     lm = lm_layer_activation_bytes(m, 1, False, "selective", modules=SELECTIVE_MLP)
     assert got["lm_selective_mlp"] == pytest.approx(lm, rel=0.02), (got, lm)
     for recompute in ("none", "selective"):

@@ -16,6 +16,7 @@ from megatron_mmpl.plan.memory import (
     Hardware,
     PlanError,
     check_layout,
+    layer_activation_bytes,
     lm_layer_activation_bytes,
     plan_config,
     total_params,
@@ -154,10 +155,12 @@ def test_activation_formula_numbers():
     """The per-layer formula at the 7B shape, spelled out (bf16, tp=4 with sequence parallel; see plan.py)."""
     m = ModelSpec.of("qwen25vl-7b")
     h, f, heads, kv, d = 3584, 18944, 28, 4 * 128, 128
-    # on CUDA (the default): the fused QKV-bias-RoPE kernel's q, k, v (no QKV buffer, only the shared RoPE table),
-    # fused SwiGLU keeps 3F, fused rms_norm
-    none = 2 * (4 * h / 4 + (3 * h + 2 * kv + 3 * f) / 4) + 4 * (heads / 4 + 2 / 4)
+    # on CUDA (the default): fused SwiGLU keeps 3F, compiled RoPE keeps only the shared table, fused rms_norm
+    none = 2 * (4 * h / 4 + (4 * h + 3 * kv + 3 * f) / 4) + 4 * (heads / 4 + 2 / 4)
     assert lm_layer_activation_bytes(m, 4, True, "none") == pytest.approx(none)
+    # the one QKV-bias-RoPE kernel (the ViT's on CUDA) keeps q, k, v alone: no QKV buffer beside RoPE'd q and k
+    fused = 2 * (4 * h / 4 + (3 * h + 2 * kv + 3 * f) / 4) + 4 * (heads / 4 + 2 / 4)
+    assert layer_activation_bytes(h, heads, kv, f, d, 4, True, "none", fused_qkv=True) == pytest.approx(fused)
     assert lm_layer_activation_bytes(m, 4, True, "selective") == pytest.approx(none - 2 * h / 4 - 4 * heads / 4)
     assert lm_layer_activation_bytes(m, 4, True, "full") == 2 * h / 4
     assert lm_layer_activation_bytes(m, 4, False, "full") == 2 * h
@@ -214,7 +217,7 @@ def test_auto_recompute_picks_the_least_that_fits():
             assert not plan_config(trial, hw).fits, cheaper
     assert seen[4096][0] == "none"
     assert seen[32768] == ("selective (mlp)", "full")  # measured the fastest on an H200 (docs/PERFORMANCE.md)
-    assert seen[131072] == ("full (block: 35 layer(s) per stage)", "chunked")
+    assert seen[131072] == ("full (uniform, 1 layer(s) per chunk)", "chunked")
 
 
 def test_every_row_length_the_planner_accepts_the_loader_and_cp_split_accept():
