@@ -29,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """With MMPL_TEST_FAILLOG=FILE, each failure's node id and traceback tail are appended to FILE as it happens
+    (by the controller under xdist), so a run stopped at a time limit still says what failed and why."""
+    path = os.environ.get("MMPL_TEST_FAILLOG")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with open(path, "a") as f:
+        f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")
