@@ -18,7 +18,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash tools/install.sh
-. "${MMPL_VENV:-$root/.venv}/bin/activate"
+. "$root/tools/activate.sh"
 
 out="${MMPL_ABLATION_DIR:-runs/ablation_lengths}"
 steps="${MMPL_ABLATION_STEPS:-300}"

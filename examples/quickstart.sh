@@ -12,7 +12,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash tools/install.sh
-. "${MMPL_VENV:-$root/.venv}/bin/activate"
+. "$root/tools/activate.sh"
 
 out="${MMPL_QUICKSTART_DIR:-runs/quickstart}"
 steps="${MMPL_QUICKSTART_STEPS:-300}"

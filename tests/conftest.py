@@ -1,6 +1,6 @@
-"""Shared pytest setup: gpu tests skip without CUDA; spawned ranks run on CPU/gloo unless a test asks for CUDA
-(the distributed tests are CPU fp32 checks, so a GPU machine runs them as CI does); quiet megatron's
-optional-dependency warnings."""
+"""Shared pytest setup: gpu tests skip without CUDA; everything else runs on CPU (spawned ranks on gloo, the test
+process with CUDA reported absent) unless a test asks for CUDA (they are CPU fp32 checks, so a GPU machine runs
+them as CI does); quiet megatron's optional-dependency warnings."""
 
 import os
 import warnings
@@ -29,6 +29,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_gpu(request, monkeypatch):
+    """Outside `gpu` tests the test process itself sees no CUDA either (its spawned ranks and children already
+    don't): the trainer, builder and planner called in-process take the CPU fp32 path these tests check, as in
+    CI, instead of building on the GPU host's device."""
+    if "gpu" not in request.keywords:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 def pytest_runtest_logreport(report):

@@ -12,10 +12,16 @@ pkgs=()
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then pkgs+=(nginx-light); fi
 if ! command -v g++ >/dev/null; then pkgs+=(g++); fi
 if [ ${#pkgs[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${pkgs[@]}" >/dev/null
-  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq "${pkgs[@]}" >/dev/null
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  if ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq "${pkgs[@]}" >/dev/null; }; then
+    # no package index (an offline GPU host): the tests needing them skip, or fail under CI=true
+    echo "[tests] could not install ${pkgs[*]} with apt-get; the tests that need them will say so"
   fi
 fi
-. "${MMPL_VENV:-$root/.venv}/bin/activate"
-ruff check .
-exec python -m pytest "$@"
+. "$root/tools/activate.sh"
+if [ "${MMPL_VENV:-}" = none ] && ! command -v ruff >/dev/null; then
+  echo "[tests] MMPL_VENV=none and no ruff on PATH: lint skipped (CI's venv runs it)"
+else
+  ruff check .
+fi
+exec python3 -m pytest "$@"

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from megatron_mmpl.plan.command import PRESET_DIR
+from tests.child_env import child_env
 from tests.integration.slurm_cluster import REPO, slurm_cluster, tiny_shards  # noqa: F401
 from tests.requires import require_module
 
@@ -21,7 +22,7 @@ LAUNCH = str(REPO / "launch" / "nemo_run" / "launch.py")
 
 
 def _launch(tmp_path, *args, timeout=300, env=None):
-    env = {**os.environ, "NEMORUN_HOME": str(tmp_path / "nemo_home"), "PYTHONWARNINGS": "ignore", **(env or {})}
+    env = child_env(NEMORUN_HOME=str(tmp_path / "nemo_home"), PYTHONWARNINGS="ignore", **(env or {}))
     return subprocess.run([sys.executable, LAUNCH, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

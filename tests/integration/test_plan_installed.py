@@ -1,6 +1,7 @@
 """An installed (non-editable) megatron_mmpl plans a shipped preset from any directory: the presets are package
 data of megatron_mmpl/plan, not files of the checkout."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,10 @@ def test_mmpl_plan_preset_from_a_wheel_outside_the_checkout(tmp_path):
     (wheel,) = wheels.glob("megatron_mmpl-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True,
                    capture_output=True, timeout=600)
-    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    # the installed copy first; the parent's PYTHONPATH stays (a machine whose dependencies sit there, as the GPU
+    # host's), less this checkout
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != str(REPO)]
+    env = {"PYTHONPATH": os.pathsep.join([str(site), *kept]), "PATH": "/usr/bin:/bin"}
     where = subprocess.run([sys.executable, "-c", "import megatron_mmpl; print(megatron_mmpl.__file__)"], cwd=elsewhere,
                            env=env, capture_output=True, text=True, check=True)
     assert where.stdout.startswith(str(site)), where.stdout  # the installed copy, not the checkout

@@ -2,18 +2,20 @@
 eval → report) and the loss falls. The full run's figures (300 steps, accuracy vs chance) are in the report."""
 
 import json
-import os
 import subprocess
 
 import pytest
+import torch
+
+from tests.child_env import child_env
 
 pytestmark = pytest.mark.integration
 
 
 def test_quickstart_runs_end_to_end(tmp_path):
     out = tmp_path / "qs"
-    env = {**os.environ, "MMPL_QUICKSTART_DIR": str(out), "MMPL_QUICKSTART_STEPS": "30",
-           "MMPL_QUICKSTART_DOCS": "6", "MMPL_QUICKSTART_EVAL_DOCS": "2"}
+    env = child_env(MMPL_QUICKSTART_DIR=str(out), MMPL_QUICKSTART_STEPS="30", MMPL_QUICKSTART_DOCS="6",
+                    MMPL_QUICKSTART_EVAL_DOCS="2", OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run(["bash", "examples/quickstart.sh"], env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
