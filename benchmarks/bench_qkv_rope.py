@@ -18,6 +18,7 @@ import argparse
 import time
 
 import torch
+from bench_vit_tower import timed as cuda_timed  # this folder is on sys.path when a bench runs as a script
 
 from megatron_mmpl.attention.qkv_rope import compiled_qkv_bias_rope, rope_bshd, sequence_dynamic
 
@@ -64,21 +65,14 @@ class ExplicitBackward(torch.autograd.Function):
 
 
 def timed(fn, reps: int, dev: str) -> float:
-    for _ in range(3):
-        fn()
-    if dev == "cpu":
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t) / reps * 1e3
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
+    """ms per call: CUDA events (bench_vit_tower's timer) on the GPU, wall-clock for the CPU smoke run."""
+    if dev == "cuda":
+        return cuda_timed(fn, warmup=3, reps=reps) * 1e3
+    fn()
+    t = time.perf_counter()
     for _ in range(reps):
         fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
+    return (time.perf_counter() - t) / reps * 1e3
 
 
 def main() -> None:
