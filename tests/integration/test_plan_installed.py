@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,7 @@ def test_mmpl_plan_preset_from_a_wheel_outside_the_checkout(tmp_path):
                    capture_output=True, timeout=600)
     # the installed copy first; the parent's PYTHONPATH stays (a machine whose dependencies sit there, as the GPU
     # host's), less this checkout
-    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != str(REPO)]
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
     env = {"PYTHONPATH": os.pathsep.join([str(site), *kept]), "PATH": "/usr/bin:/bin"}
     where = subprocess.run([sys.executable, "-c", "import megatron_mmpl; print(megatron_mmpl.__file__)"], cwd=elsewhere,
                            env=env, capture_output=True, text=True, check=True)
