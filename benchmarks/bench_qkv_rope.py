@@ -1,8 +1,8 @@
 """QKV bias + split + RoPE of q and k at the ViT's and the LM's shapes (32K job, 3B), bf16, forward and backward:
 megatron's path (broadcast bias add, views, the compiled RoPE of compat/cuda_rope.py on q and on k), the one
-compiled kernel of attention/qkv_rope.py with the backward autograd derives for it, and the same forward with a
-backward written out (the rotation's transpose is RoPE by −θ, then the three gradients are laid back into the
-QKV buffer's layout, one compiled kernel; the bias gradient is its sum over rows).
+compiled kernel of attention/qkv_rope.py with the backward autograd derives for it, and the same forward with the
+backward written out that the trainer runs (`QKVBiasRope`: RoPE's transpose on dq and dk, then the three
+gradients are laid back into the QKV buffer's layout with the bias gradient's row sum, one compiled kernel).
 
 On 2026-12-04 (H200) the derived backward took 4.97 ms per ViT block against 0.77 ms for its forward
 (benchmarks/bench_vit_tower.py --profile). This bench says whether a written-out backward, or the layout of the
@@ -20,13 +20,12 @@ import time
 import torch
 from bench_vit_tower import timed as cuda_timed  # this folder is on sys.path when a bench runs as a script
 
-from megatron_mmpl.attention.qkv_rope import compiled_qkv_bias_rope, rope_bshd, sequence_dynamic
+from megatron_mmpl.attention.qkv_rope import QKVBiasRope, compiled_qkv_bias_rope, sequence_dynamic
 
 SHAPES = {  # seq, head groups, q heads per group, head dim: the 3B's ViT over 128,960 patches; its LM at 32K
     "vit": (128960, 16, 1, 80),
     "lm": (32768, 2, 8, 128),
 }
-_BWD = {}
 
 
 def megatron_path(mixed, bias, freqs, qpg: int, d: int):
@@ -37,31 +36,6 @@ def megatron_path(mixed, bias, freqs, qpg: int, d: int):
     q, k, v = torch.split(x, [qpg * d, d, d], dim=3)
     q = q.reshape(s, b, -1, d)
     return fused_apply_rotary_pos_emb(q, freqs), fused_apply_rotary_pos_emb(k, freqs), v
-
-
-def _grad_mixed(dq, dk, dv, freqs, qpg: int, d: int):
-    s, b = dq.shape[:2]
-    dq = rope_bshd(dq, -freqs).reshape(s, b, -1, qpg * d)  # RoPE's transpose: the rotation by −θ
-    dk = rope_bshd(dk, -freqs)
-    return torch.cat([dq, dk, dv], dim=3).reshape(s, b, -1)
-
-
-class ExplicitBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, mixed, bias, freqs, qpg, d):
-        ctx.save_for_backward(freqs)
-        ctx.qpg, ctx.d = qpg, d
-        with torch.no_grad():
-            return compiled_qkv_bias_rope(qpg, d, True)(*sequence_dynamic(mixed, freqs), bias)
-
-    @staticmethod
-    def backward(ctx, dq, dk, dv):
-        (freqs,) = ctx.saved_tensors
-        key = (ctx.qpg, ctx.d)
-        if key not in _BWD:
-            _BWD[key] = torch.compile(lambda a, b_, c, f: _grad_mixed(a, b_, c, f, *key))
-        dmixed = _BWD[key](*sequence_dynamic(dq, dk, dv, freqs))
-        return dmixed, dmixed.sum((0, 1)), None, None, None
 
 
 def timed(fn, reps: int, dev: str) -> float:
@@ -114,7 +88,7 @@ def run_shape(name: str, reps: int, dev: str, seq_div: int) -> None:
     paths = {
         "megatron": lambda: megatron_path(mixed, bias, freqs, qpg, d),
         "fused, derived backward": lambda: compiled_qkv_bias_rope(qpg, d, True)(*sequence_dynamic(mixed, freqs), bias),
-        "fused, written-out backward": lambda: ExplicitBackward.apply(mixed, bias, freqs, qpg, d),
+        "fused, written-out backward (QKVBiasRope)": lambda: QKVBiasRope.apply(mixed, bias, freqs, qpg, d),
     }
     for layout, dys in grads.items():
         ref = None

@@ -7,8 +7,10 @@ needs Transformer Engine and no packed_seq_params. At the 3B's ViT over 128,960 
 of every block forward and ~3.6 ms of its backward (benchmarks/bench_vit_tower.py --profile, H200).
 
 `QKVRopeSelfAttention` takes the GEMM output and the bias separately and runs bias + split + RoPE of q and k as
-one compiled function that returns q, k, v as three contiguous tensors (its backward is one kernel too, plus the
-bias gradient's reduction), then lets megatron's forward continue with RoPE already applied. It changes nothing
+one compiled function that returns q, k, v as three contiguous tensors, then lets megatron's forward continue with
+RoPE already applied. The backward is written out (`QKVBiasRope`): the gradient of the GEMM output is dq and dk
+through RoPE's transpose (the rotation by −θ), laid into the QKV buffer beside dv, one compiled kernel with the
+bias gradient's row sum. It changes nothing
 else: where the fused path does not apply (CPU, inference, thd packing, gated / q-k-normed / TP-regrouped heads,
 megatron's YaRN mscale, per-q/k rope tuples) megatron's own code runs. Written for megatron-core 0.16.1 (the
 compat package's version check guards it).
@@ -23,7 +25,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
 
-_COMPILED: dict[tuple[int, int, int], object] = {}
+_COMPILED: dict[tuple, object] = {}
 
 
 def qkv_bias_rope(mixed: torch.Tensor, bias: torch.Tensor | None, freqs: torch.Tensor, q_per_group: int,
@@ -33,7 +35,45 @@ def qkv_bias_rope(mixed: torch.Tensor, bias: torch.Tensor | None, freqs: torch.T
     q [s, b, ng·q_per_group, d], k and v [s, b, ng, d], contiguous; compiled on CUDA."""
     if not mixed.is_cuda:
         return _qkv_bias_rope(mixed, bias, freqs, q_per_group, head_dim)
-    return compiled_qkv_bias_rope(q_per_group, head_dim, bias is not None)(*sequence_dynamic(mixed, freqs), bias)
+    return QKVBiasRope.apply(mixed, bias, freqs, q_per_group, head_dim)
+
+
+class QKVBiasRope(torch.autograd.Function):
+    """The compiled forward with the backward written out: d(mixed) = [Rᵀ·dq, Rᵀ·dk, dv] in megatron's
+    head-group layout, d(bias) its sum over rows, one compiled function. The backward autograd derives from the
+    forward's graph took 4.97 ms per ViT block against 0.77 ms for the forward (bench_vit_tower.py --profile, H200,
+    2026-12-04); benchmarks/bench_qkv_rope.py times the two."""
+
+    @staticmethod
+    def forward(ctx, mixed, bias, freqs, q_per_group: int, head_dim: int):
+        ctx.save_for_backward(freqs)
+        ctx.layout = (q_per_group, head_dim, bias is not None)
+        fn = compiled_qkv_bias_rope(q_per_group, head_dim, bias is not None)
+        with torch.no_grad():
+            return fn(*sequence_dynamic(mixed, freqs), bias)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        (freqs,) = ctx.saved_tensors
+        dmixed, dbias = compiled_qkv_bias_rope_grad(*ctx.layout)(*sequence_dynamic(dq, dk, dv, freqs))
+        return dmixed, dbias, None, None, None
+
+
+def compiled_qkv_bias_rope_grad(q_per_group: int, head_dim: int, has_bias: bool):
+    """The compiled backward of `QKVBiasRope` for one head layout (the sequence length dynamic)."""
+    key = ("grad", q_per_group, head_dim, has_bias)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(lambda dq, dk, dv, f: _qkv_bias_rope_grad(dq, dk, dv, f, q_per_group,
+                                                                                 head_dim, has_bias))
+    return _COMPILED[key]
+
+
+def _qkv_bias_rope_grad(dq, dk, dv, freqs, q_per_group: int, head_dim: int, has_bias: bool):
+    s, b = dv.shape[:2]
+    dq = rope_bshd_transpose(dq, freqs).reshape(s, b, -1, q_per_group * head_dim)
+    dk = rope_bshd_transpose(dk, freqs)
+    dmixed = torch.cat([dq, dk, dv], dim=3).reshape(s, b, -1)
+    return dmixed, (dmixed.sum((0, 1)) if has_bias else None)
 
 
 def compiled_qkv_bias_rope(q_per_group: int, head_dim: int, has_bias: bool):
@@ -63,6 +103,18 @@ def rope_bshd(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     cos, sin = torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype)
     x1, x2 = torch.chunk(x, 2, dim=-1)
     out = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def rope_bshd_transpose(g: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """The transpose of `rope_bshd` as a linear map of t, applied to g: g·cos + Pᵀ(g·sin), where P(x) = [−x₂, x₁]
+    is the half rotation, so Pᵀ(z) = [z₂, −z₁]. (With both halves of freqs equal, as RoPE builds them, this is the
+    rotation by −θ; written out it holds for any freqs.)"""
+    rot = freqs.shape[-1]
+    x, rest = g[..., :rot], g[..., rot:]
+    cos, sin = torch.cos(freqs).to(g.dtype), torch.sin(freqs).to(g.dtype)
+    z1, z2 = torch.chunk(x * sin, 2, dim=-1)
+    out = x * cos + torch.cat((z2, -z1), dim=-1)
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
