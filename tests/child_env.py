@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 
 def child_env(gpus: bool = False, **extra: str) -> dict[str, str]:
@@ -18,3 +19,13 @@ def child_env(gpus: bool = False, **extra: str) -> dict[str, str]:
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return {**env, **extra}
+
+
+# torch's own log records (glog format, e.g. "W1205 14:48:34.136000 3101 torch/utils/cpp_extension.py:140] No CUDA
+# runtime is found, ..."), which a child with no visible GPU prints on a GPU host at import time
+_TORCH_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+
+
+def stderr_lines(text: str) -> list[str]:
+    """A child's non-empty stderr lines, less torch's own log records: what the project itself printed."""
+    return [ln for ln in text.splitlines() if ln.strip() and not _TORCH_LOG.match(ln)]

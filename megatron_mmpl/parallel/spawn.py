@@ -97,9 +97,22 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, env: dic
     env = dict(env or {})
     if rank_device(world_size, device or os.environ.get("MMPL_RANK_DEVICE", "auto")) == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    for attempt in range(_PORT_ATTEMPTS):
+        try:
+            return _run(fn, world_size, args, timeout, env, free_port())
+        except RuntimeError as e:
+            # The port was free when chosen and taken before rank 0 bound it (parallel test workers pick ports
+            # too): the ranks failed at their rendezvous, so the function runs again on another port.
+            if "EADDRINUSE" not in str(e) or attempt == _PORT_ATTEMPTS - 1:
+                raise
+
+
+_PORT_ATTEMPTS = 3
+
+
+def _run(fn, world_size: int, args: tuple, timeout: float, env: dict, port: int) -> list:
     ctx = _context()
     queue = ctx.Queue()
-    port = free_port()
     # Arguments and results travel as plain pickles (tensor data inline): multiprocessing's own reducer would
     # pass one file descriptor per tensor, which runs out with many tensors and dies with the sending process.
     args_bytes = pickle.dumps(args)

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from megatron_mmpl.storage.checkpoint_dir import complete_steps, latest_step
+from tests.child_env import stderr_lines
 from tests.distributed.train_helpers import overrides
 from tests.faults.trainer import RECIPE, cli_in_a_rank
 from tests.requires import skip_or_fail
@@ -38,7 +39,7 @@ def small_disk(tmp_path):
 
 
 def _one_error(r: dict) -> str:
-    err = [ln for ln in r["err"].splitlines() if ln.strip()]
+    err = stderr_lines(r["err"])
     assert len(err) == 1, err
     return err[0]
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.child_env import stderr_lines
 from tests.distributed.train_helpers import overrides
 from tests.faults.trainer import RECIPE, cli_in_a_rank
 
@@ -20,7 +21,7 @@ def test_every_sample_too_long_is_one_line_at_start_up(tmp_path):
     t0 = time.monotonic()
     r = cli_in_a_rank(["train", "--config", RECIPE, *args])
     assert r["rc"] == 2
-    err = [ln for ln in r["err"].splitlines() if ln.strip()]
+    err = stderr_lines(r["err"])
     assert len(err) == 1 and "is longer than data.max_seq_len=128" in err[0] and "raise data.max_seq_len" in err[0]
     assert time.monotonic() - t0 < 120
 

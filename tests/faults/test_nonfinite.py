@@ -11,6 +11,7 @@ import pytest
 
 from megatron_mmpl.storage.checkpoint_dir import complete_steps
 from megatron_mmpl.training import train as train_mod
+from tests.child_env import stderr_lines
 from tests.distributed.train_helpers import overrides
 from tests.faults.trainer import RECIPE, cli_in_a_rank
 
@@ -64,7 +65,7 @@ def test_an_exploding_run_stops_after_max_bad_steps_without_saving(tmp_path):
                      "checkpoint.keep_last=0", "optim.lr=1e6", "optim.clip_grad=0", "optim.max_bad_steps=3")
     r = cli_in_a_rank(["train", "--config", RECIPE, *args])
     assert r["rc"] == 2
-    err = [ln for ln in r["err"].splitlines() if ln.strip()]
+    err = stderr_lines(r["err"])
     assert len(err) == 1 and "3 steps in a row" in err[0] and "lower optim.lr" in err[0], r["err"][-2000:]
     losses, bad = _losses(run), {r["step"] for r in _metrics(run) if r["bad_steps"]}
     assert len(bad) >= 3 and max(losses) < 60, (bad, losses)

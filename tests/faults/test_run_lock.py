@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.child_env import child_env
+from tests.child_env import child_env, stderr_lines
 from tests.distributed.train_helpers import overrides
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,7 @@ def test_second_trainer_on_a_run_dir_stops_with_one_line(tmp_path):
     finally:
         first.send_signal(signal.SIGTERM)  # stop signal: finishes the step, saves, exits 0
         first.wait(timeout=300)
-    err = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    err = stderr_lines(second.stderr)
     assert second.returncode == 2, second.stderr
     assert len(err) == 1, err
     assert err[0].startswith("mmpl train: error: run_dir ")
