@@ -10,9 +10,9 @@ of every block forward and ~3.6 ms of its backward (benchmarks/bench_vit_tower.p
 one compiled function that returns q, k, v as three contiguous tensors, then lets megatron's forward continue with
 RoPE already applied. The backward is written out (`QKVBiasRope`): the gradient of the GEMM output is dq and dk
 through RoPE's transpose (the rotation by −θ), laid into the QKV buffer beside dv, one compiled kernel with the
-bias gradient's row sum. It changes nothing
-else: where the fused path does not apply (CPU, inference, thd packing, gated / q-k-normed / TP-regrouped heads,
-megatron's YaRN mscale, per-q/k rope tuples) megatron's own code runs. Written for megatron-core 0.16.1 (the
+bias gradient's row sum. It changes nothing else: where the fused path does not apply (CPU, inference, thd
+packing, gated / q-k-normed / TP-regrouped heads, megatron's YaRN mscale, per-q/k rope tuples) megatron's own
+code runs. Written for megatron-core 0.16.1 (the
 compat package's version check guards it).
 """
 
