@@ -35,8 +35,14 @@ def meta_layout(spec, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]
 
     if not dist.is_initialized():  # a 1-rank group; first, as it installs the CPU runtime's torch-function mode,
         initialize_parallel()      # which must outlive the `meta` device context below
+    # use_cpu_initialization: megatron's linear layers otherwise allocate on `torch.cuda.current_device()`
+    # whenever CUDA exists, which overrides the meta device (a 7B model in fp32 on the GPU of a conversion)
     with torch.device("meta"):
-        model = build_model(spec, Layout(), dtype=dtype, overrides={"perform_initialization": False})
+        model = build_model(spec, Layout(), dtype=dtype,
+                            overrides={"perform_initialization": False, "use_cpu_initialization": True})
+    off_meta = [n for n, p in model.named_parameters() if p.device.type != "meta"]
+    if off_meta:
+        raise AssertionError(f"parameters built outside the meta device: {off_meta[:3]}")
     return model.sharded_state_dict(), dict(model.named_parameters())
 
 

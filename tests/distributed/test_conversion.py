@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megatron_mmpl.parallel.spawn import run_distributed
+from tests.child_env import child_env
 
 pytestmark = pytest.mark.distributed
 LOGIT_TOL = 1e-4
@@ -134,7 +135,7 @@ def test_export_of_a_checkpoint_saved_at_tp_pp_is_bit_exact(converted, tmp_path,
 
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "megatron_mmpl.cli", "convert", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+                          text=True, cwd=cwd, env=child_env(), timeout=300)  # CPU, as CI (tests/gpu: with a GPU)
 
 
 def test_verify_cli_prints_the_summary_line_and_fails_above_tolerance(converted, tmp_path):

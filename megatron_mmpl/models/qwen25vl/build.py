@@ -61,7 +61,9 @@ def build_model(
     cp_group = ps.get_context_parallel_group() if layout.cp > 1 else None
     model = Qwen25VLModel(cfgs, pre_process, post_process, attention_backend=attention_backend, vp_stage=vp_stage,
                           cp_group=cp_group)
-    if torch.cuda.is_available():  # megatron layers are born on the GPU; the conv and norms are torch modules
+    # megatron layers are born on the GPU; the conv and norms are torch modules. Not under a `meta` device context
+    # (conversion's layout, conversion/dist_layout.py): a meta tensor cannot be copied to the GPU.
+    if torch.cuda.is_available() and torch.get_default_device().type != "meta":
         model.cuda(torch.cuda.current_device())
     return model
 
