@@ -4,6 +4,7 @@ backward, optimizer) and an optional torch.profiler trace of chosen steps (`logg
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -77,16 +78,68 @@ def start_profiler(run_dir: str):
     return prof
 
 
+# Kernel classes by name, first match wins (cuBLAS/CUTLASS GEMMs, cuDNN/flash attention, Triton from
+# torch.compile, the optimizer's multi-tensor kernels, data movement, the rest of ATen's elementwise work).
+KERNEL_CLASSES = (
+    ("attention", r"fmha|flash|sdpa|attention|_attn"),
+    ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|matmul|wgmma"),
+    ("optimizer", r"multi_tensor|adam"),
+    ("triton (compiled)", r"^triton_"),
+    ("norm", r"norm"),
+    ("copy / cat / gather", r"memcpy|memset|copy|cat|gather|scatter|index|transpose|permute"),
+    ("reduction", r"reduce"),
+    ("elementwise", r"elementwise|vectorized|unrolled"),
+)
+
+
+def kernel_class(name: str) -> str:
+    """The class of one GPU kernel or memory operation, by its name."""
+    low = name.lower()
+    return next((cls for cls, pattern in KERNEL_CLASSES if re.search(pattern, low)), "other")
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals: time the GPU ran at least one kernel."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def summarize_kernels(kernels: list[tuple[str, float, float]], steps: int) -> str:
+    """kernels: (name, start µs, end µs) of every GPU kernel in the profiled steps → a table of kernel classes
+    (share of kernel time, ms per step) and the GPU's busy share of the profiled span (the rest: host work,
+    syncs and launch gaps)."""
+    if not kernels:
+        return "no GPU kernels recorded\n"
+    per: dict[str, float] = {}
+    for name, a, b in kernels:
+        per[kernel_class(name)] = per.get(kernel_class(name), 0.0) + (b - a)
+    total = sum(per.values())
+    span = max(b for _, _, b in kernels) - min(a for _, a, _ in kernels)
+    busy = busy_time([(a, b) for _, a, b in kernels])
+    lines = ["| kernel class | share of kernel time | ms per step |", "|---|---:|---:|"]
+    lines += [f"| {c} | {t / total:.1%} | {t / 1e3 / steps:.1f} |" for c, t in sorted(per.items(), key=lambda x: -x[1])]
+    lines.append(f"\nGPU busy {busy / 1e3 / steps:.1f} ms of {span / 1e3 / steps:.1f} ms per step "
+                 f"({busy / span:.1%}); idle (host work, syncs, launch gaps) {1 - busy / span:.1%}")
+    return "\n".join(lines) + "\n"
+
+
 def stop_profiler(prof, run_dir: str, steps: int) -> str:
-    """Writes <run_dir>/profile/trace.json (chrome://tracing, Perfetto) and kernels.txt (top ops by device
-    time, per step); returns the table's path."""
+    """Writes <run_dir>/profile/trace.json (chrome://tracing, Perfetto) and kernels.txt (kernel classes and the
+    GPU's busy share per step, then the top ops by device time); returns the table's path."""
     prof.__exit__(None, None, None)
     out = os.path.join(run_dir, "profile")
     os.makedirs(out, exist_ok=True)
     prof.export_chrome_trace(os.path.join(out, "trace.json"))
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90)
+    device = [e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CPU]
+    classes = summarize_kernels([(e.name, e.time_range.start, e.time_range.end) for e in device], steps)
     path = os.path.join(out, "kernels.txt")
     with open(path, "w") as f:
-        f.write(f"# torch.profiler over {steps} step(s), sorted by {key}\n{table}\n")
+        f.write(f"# torch.profiler over {steps} step(s)\n\n{classes}\n# ops sorted by {key}\n{table}\n")
     return path

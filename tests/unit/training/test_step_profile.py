@@ -1,0 +1,40 @@
+"""The profile's kernel-class table: names sorted into classes, and the GPU's busy time as a union of intervals."""
+
+import pytest
+
+from megatron_mmpl.training.step_profile import busy_time, kernel_class, summarize_kernels
+
+pytestmark = pytest.mark.unit
+
+
+def test_kernel_names_fall_into_their_classes():
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1": "attention",
+        "triton_tem_fused_flex_attention_0": "attention",
+        "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT": "gemm",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1": "gemm",
+        "cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_nn_align2": "gemm",
+        "void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>": "optimizer",
+        "triton_poi_fused_add_cat_mul_neg_slice_0": "triton (compiled)",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>": "norm",
+        "Memcpy HtoD (Pinned -> Device)": "copy / cat / gather",
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<OpaqueType<2u>>": "copy / cat / gather",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>": "reduction",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "elementwise",
+        "some_custom_kernel": "other",
+    }
+    assert {n: kernel_class(n) for n in names} == names
+
+
+def test_busy_time_counts_overlaps_once():
+    assert busy_time([]) == 0.0
+    assert busy_time([(0, 10), (5, 15), (20, 30), (22, 25)]) == 25.0
+    assert busy_time([(20, 30), (0, 10)]) == 20.0
+
+
+def test_summary_shares_and_idle():
+    text = summarize_kernels([("nvjet_a", 0.0, 600.0), ("vectorized_elementwise_kernel", 600.0, 800.0),
+                              ("cudnn_sdpa_flash", 900.0, 1000.0)], steps=1)
+    assert "| gemm | 66.7% | 0.6 |" in text and "| elementwise | 22.2% | 0.2 |" in text
+    assert "| attention | 11.1% | 0.1 |" in text
+    assert "GPU busy 0.9 ms of 1.0 ms per step (90.0%); idle (host work, syncs, launch gaps) 10.0%" in text
