@@ -1,13 +1,45 @@
-"""megatron-core 0.16.1's DistributedOptimizer checkpoint load with torch's Adam (no TE/apex installed).
+"""megatron-core 0.16.1's DistributedOptimizer with torch's Adam (no TE/apex installed): its fused kernel on
+CUDA, and checkpoint load.
 
-`resume` (training/checkpoint.py) calls them in order: allocate_adam_state before
-`DistributedOptimizer.sharded_state_dict(is_loading=True)`, skip_adam_step_on_param_state_load before
-`load_state_dict`, unshare_adam_steps after it.
+`build_optimizer` (training/optimizer.py) calls use_fused_adam. `resume` (training/checkpoint.py) calls the rest
+in order: allocate_adam_state before `DistributedOptimizer.sharded_state_dict(is_loading=True)`,
+skip_adam_step_on_param_state_load before `load_state_dict`, unshare_adam_steps after it.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def _torch_adams(optimizer):
+    """The torch Adam(W) instances inside megatron's (chained) optimizer; none when TE/apex supplied Adam."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            yield inner
+
+
+def use_fused_adam(optimizer) -> int:
+    """Switch megatron's torch-Adam fallback to torch's fused kernel where every parameter is on CUDA.
+
+    megatron-core 0.16.1 builds `torch.optim.AdamW(params, lr, weight_decay, betas, eps)` when neither TE nor apex
+    is installed (megatron/core/optimizer/__init__.py), which on CUDA picks the foreach path: about ten passes over
+    the fp32 master weights and moments. The fused kernel makes one (same update rule; torch's tests hold it to
+    the foreach result within rounding). Its 'step' counters live on the device as float32, as torch keeps them
+    for fused; existing counters (a resume) are moved there. Idempotent; returns the param groups switched."""
+    switched = 0
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            params = group["params"]
+            if not params or not all(p.is_cuda and p.is_floating_point() for p in params):
+                continue
+            group["fused"], group["foreach"] = True, False
+            switched += 1
+            for p in params:
+                step = inner.state.get(p, {}).get("step")
+                if torch.is_tensor(step) and (step.device != p.device or step.dtype != torch.float32):
+                    inner.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+    return switched
 
 
 def allocate_adam_state(optimizer) -> None:
@@ -57,13 +89,15 @@ def skip_adam_step_on_param_state_load(optimizer) -> None:
 
 
 def unshare_adam_steps(optimizer) -> None:
-    """Give every parameter its own Adam 'step' tensor again.
+    """Give every parameter its own Adam 'step' tensor again, on the device where the fused kernel wants it.
 
     megatron 0.16.1 (torch Adam path) restores one shared 'step' tensor into all parameters' states; torch's
     Adam increments each state's step in place, so a shared tensor would advance once per parameter per step.
+    The loaded param groups carry the checkpoint's `fused` flag, so `use_fused_adam` runs again after the load.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         for state in (inner.state.values() if inner is not None else ()):
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
+    use_fused_adam(optimizer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_mmpl.compat.optimizer import use_fused_adam
 from megatron_mmpl.config import Config, train_steps, warmup_steps
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -59,6 +60,7 @@ def build_optimizer(model, cfg: Config):
     )
     # Megatron's default groups: weight decay off for biases and 1-D params (norm weights), on for the rest.
     optimizer = get_megatron_optimizer(ocfg, [model])
+    use_fused_adam(optimizer)  # torch's one-kernel AdamW on CUDA (megatron picks foreach without TE/apex)
     return optimizer, build_scheduler(optimizer, cfg)
 
 

@@ -31,6 +31,8 @@ def _train_gpu(args, max_steps=None):
         "main_dtypes": sorted(str(d) for d in main_dtypes),
         "optimizer": type(inner).__name__,
         "device": str(next(r.model.parameters()).device),
+        "fused_adam": sorted({bool(g.get("fused")) for g in inner.optimizer.param_groups}),
+        "adam_steps": sorted({(str(s["step"].device), float(s["step"])) for s in inner.optimizer.state.values()}),
     }
 
 
@@ -41,6 +43,8 @@ def test_bf16_distributed_optimizer_learns_and_resumes(tmp_path):
     print(straight)
     assert straight["device"].startswith("cuda") and straight["param_dtypes"] == ["torch.bfloat16"]
     assert straight["optimizer"] == "DistributedOptimizer" and straight["main_dtypes"] == ["torch.float32"]
+    # torch's fused AdamW kernel (compat/optimizer.py), its step counters on the GPU, one per update
+    assert straight["fused_adam"] == [True] and straight["adam_steps"] == [("cuda:0", float(steps))]
     losses = straight["losses"]
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert sum(losses[s] for s in range(steps - 4, steps + 1)) / 5 < 0.5 * losses[1]
@@ -58,6 +62,7 @@ def test_bf16_distributed_optimizer_learns_and_resumes(tmp_path):
     (ckpts / "latest_checkpointed_iteration.txt").write_text(str(half))
     (second,) = run_distributed(_train_gpu, 1, split, device="cuda")
     assert sorted(second["losses"]) == list(range(half + 1, steps + 1))
+    assert second["fused_adam"] == [True] and second["adam_steps"] == [("cuda:0", float(steps))]  # resumed at N
     first_step = abs(second["losses"][half + 1] - first["losses"][half + 1]) / abs(first["losses"][half + 1])
     print("resumed step", half + 1, "rel. loss diff", f"{first_step:.1e}")
     assert first_step <= 1e-3, (second["losses"], first["losses"])
