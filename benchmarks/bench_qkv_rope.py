@@ -1,8 +1,9 @@
 """QKV bias + split + RoPE of q and k at the ViT's and the LM's shapes (32K job, 3B), bf16, forward and backward:
 megatron's path (broadcast bias add, views, the compiled RoPE of compat/cuda_rope.py on q and on k), the one
 compiled kernel of attention/qkv_rope.py with the backward autograd derives for it, and the same forward with the
-backward written out that the trainer runs (`QKVBiasRope`: RoPE's transpose on dq and dk, then the three
-gradients are laid back into the QKV buffer's layout with the bias gradient's row sum, one compiled kernel).
+backward written out (RoPE's transpose on dq and dk, the three gradients laid back into the QKV buffer's layout,
+the bias gradient's row sum) as one inductor-compiled function, and as the trainer runs it (`QKVBiasRope`): one
+Triton kernel (attention/qkv_rope_backward.py) and ATen's row sum.
 
 On 2026-12-04 (H200) the derived backward took 4.97 ms per ViT block against 0.77 ms for its forward
 (benchmarks/bench_vit_tower.py --profile). This bench says whether a written-out backward, or the layout of the
@@ -20,7 +21,12 @@ import time
 import torch
 from bench_vit_tower import timed as cuda_timed  # this folder is on sys.path when a bench runs as a script
 
-from megatron_mmpl.attention.qkv_rope import QKVBiasRope, compiled_qkv_bias_rope, sequence_dynamic
+from megatron_mmpl.attention.qkv_rope import (
+    QKVBiasRope,
+    compiled_qkv_bias_rope,
+    compiled_qkv_bias_rope_grad,
+    sequence_dynamic,
+)
 
 SHAPES = {  # seq, head groups, q heads per group, head dim: the 3B's ViT over 128,960 patches; its LM at 32K
     "vit": (128960, 16, 1, 80),
@@ -36,6 +42,15 @@ def megatron_path(mixed, bias, freqs, qpg: int, d: int):
     q, k, v = torch.split(x, [qpg * d, d, d], dim=3)
     q = q.reshape(s, b, -1, d)
     return fused_apply_rotary_pos_emb(q, freqs), fused_apply_rotary_pos_emb(k, freqs), v
+
+
+class CompiledBackward(QKVBiasRope):
+    """QKVBiasRope with inductor's compiled backward (the trainer's kernel up to 2026-12-07)."""
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        (freqs,) = ctx.saved_tensors
+        return (*compiled_qkv_bias_rope_grad(*ctx.layout)(*sequence_dynamic(dq, dk, dv, freqs)), None, None, None)
 
 
 def timed(fn, reps: int, dev: str) -> float:
@@ -88,7 +103,8 @@ def run_shape(name: str, reps: int, dev: str, seq_div: int) -> None:
     paths = {
         "megatron": lambda: megatron_path(mixed, bias, freqs, qpg, d),
         "fused, derived backward": lambda: compiled_qkv_bias_rope(qpg, d, True)(*sequence_dynamic(mixed, freqs), bias),
-        "fused, written-out backward (QKVBiasRope)": lambda: QKVBiasRope.apply(mixed, bias, freqs, qpg, d),
+        "fused, written-out backward, inductor": lambda: CompiledBackward.apply(mixed, bias, freqs, qpg, d),
+        "fused, written-out backward, Triton (QKVBiasRope)": lambda: QKVBiasRope.apply(mixed, bias, freqs, qpg, d),
     }
     for layout, dys in grads.items():
         ref = None

@@ -18,6 +18,9 @@ compat package's version check guards it).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
     _yarn_get_concentration_factor_from_config,
@@ -25,7 +28,12 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
 
+from megatron_mmpl.attention.qkv_rope_backward import qkv_rope_grad_triton
+
 _COMPILED: dict[tuple, object] = {}
+# The backward's kernel on CUDA: "triton" (attention/qkv_rope_backward.py, when Triton is installed) or "compiled"
+# (inductor's, from `_qkv_bias_rope_grad`); MMPL_QKV_ROPE_BACKWARD picks one (benchmarks compare them).
+BACKWARD = os.environ.get("MMPL_QKV_ROPE_BACKWARD", "triton")
 
 
 def qkv_bias_rope(mixed: torch.Tensor, bias: torch.Tensor | None, freqs: torch.Tensor, q_per_group: int,
@@ -40,9 +48,10 @@ def qkv_bias_rope(mixed: torch.Tensor, bias: torch.Tensor | None, freqs: torch.T
 
 class QKVBiasRope(torch.autograd.Function):
     """The compiled forward with the backward written out: d(mixed) = [Rᵀ·dq, Rᵀ·dk, dv] in megatron's
-    head-group layout, d(bias) its sum over rows, one compiled function. The backward autograd derives from the
-    forward's graph took 4.97 ms per ViT block against 0.77 ms for the forward (bench_vit_tower.py --profile, H200,
-    2026-12-04); benchmarks/bench_qkv_rope.py times the two."""
+    head-group layout, d(bias) its sum over rows. On CUDA with Triton installed, one Triton kernel
+    (attention/qkv_rope_backward.py) and ATen's row sum; else one compiled function. The backward autograd derives
+    from the forward's graph took 4.97 ms per ViT block against 0.77 ms for the forward (bench_vit_tower.py
+    --profile, H200, 2026-12-04); benchmarks/bench_qkv_rope.py times the variants."""
 
     @staticmethod
     def forward(ctx, mixed, bias, freqs, q_per_group: int, head_dim: int):
@@ -55,6 +64,10 @@ class QKVBiasRope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         (freqs,) = ctx.saved_tensors
+        q_per_group, head_dim, has_bias = ctx.layout
+        if dv.is_cuda and BACKWARD == "triton" and importlib.util.find_spec("triton") is not None:
+            dmixed = qkv_rope_grad_triton(dq, dk, dv, freqs, q_per_group, head_dim)
+            return dmixed, (dmixed.sum((0, 1)) if has_bias else None), None, None, None
         dmixed, dbias = compiled_qkv_bias_rope_grad(*ctx.layout)(*sequence_dynamic(dq, dk, dv, freqs))
         return dmixed, dbias, None, None, None
 
