@@ -2,8 +2,8 @@
 megatron's path (broadcast bias add, views, the compiled RoPE of compat/cuda_rope.py on q and on k), the one
 compiled kernel of attention/qkv_rope.py with the backward autograd derives for it, and the same forward with the
 backward written out (RoPE's transpose on dq and dk, the three gradients laid back into the QKV buffer's layout,
-the bias gradient's row sum) as one inductor-compiled function, and as the trainer runs it (`QKVBiasRope`): one
-Triton kernel (attention/qkv_rope_backward.py) and ATen's row sum.
+the bias gradient's row sum) as one inductor-compiled function (the trainer's default), and as one Triton kernel
+(attention/qkv_rope_backward.py, MMPL_QKV_ROPE_BACKWARD=triton) with ATen's row sum.
 
 On 2026-12-04 (H200) the derived backward took 4.97 ms per ViT block against 0.77 ms for its forward
 (benchmarks/bench_vit_tower.py --profile). This bench says whether a written-out backward, or the layout of the
@@ -27,6 +27,7 @@ from megatron_mmpl.attention.qkv_rope import (
     compiled_qkv_bias_rope_grad,
     sequence_dynamic,
 )
+from megatron_mmpl.attention.qkv_rope_backward import qkv_rope_grad_triton
 
 SHAPES = {  # seq, head groups, q heads per group, head dim: the 3B's ViT over 128,960 patches; its LM at 32K
     "vit": (128960, 16, 1, 80),
@@ -45,12 +46,23 @@ def megatron_path(mixed, bias, freqs, qpg: int, d: int):
 
 
 class CompiledBackward(QKVBiasRope):
-    """QKVBiasRope with inductor's compiled backward (the trainer's kernel up to 2026-12-07)."""
+    """QKVBiasRope with inductor's compiled backward (the trainer's default)."""
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         (freqs,) = ctx.saved_tensors
         return (*compiled_qkv_bias_rope_grad(*ctx.layout)(*sequence_dynamic(dq, dk, dv, freqs)), None, None, None)
+
+
+class TritonBackward(QKVBiasRope):
+    """QKVBiasRope with the Triton kernel (MMPL_QKV_ROPE_BACKWARD=triton) and ATen's bias row sum."""
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        (freqs,) = ctx.saved_tensors
+        per_group, d, has_bias = ctx.layout
+        dmixed = qkv_rope_grad_triton(dq, dk, dv, freqs, per_group, d)
+        return dmixed, (dmixed.sum((0, 1)) if has_bias else None), None, None, None
 
 
 def timed(fn, reps: int, dev: str) -> float:
@@ -103,8 +115,8 @@ def run_shape(name: str, reps: int, dev: str, seq_div: int) -> None:
     paths = {
         "megatron": lambda: megatron_path(mixed, bias, freqs, qpg, d),
         "fused, derived backward": lambda: compiled_qkv_bias_rope(qpg, d, True)(*sequence_dynamic(mixed, freqs), bias),
-        "fused, written-out backward, inductor": lambda: CompiledBackward.apply(mixed, bias, freqs, qpg, d),
-        "fused, written-out backward, Triton (QKVBiasRope)": lambda: QKVBiasRope.apply(mixed, bias, freqs, qpg, d),
+        "fused, written-out backward, inductor (default)": lambda: CompiledBackward.apply(mixed, bias, freqs, qpg, d),
+        "fused, written-out backward, Triton": lambda: TritonBackward.apply(mixed, bias, freqs, qpg, d),
     }
     for layout, dys in grads.items():
         ref = None
