@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import torch
 
+# Devices whose parameters get the fused kernel. CPU keeps torch's default (the tests' fp32 reference path);
+# tests/distributed/test_train_resume.py adds "cpu" to run the fused path through a save and resume.
+FUSED_ADAM_DEVICES = ("cuda",)
+
 
 def _torch_adams(optimizer):
     """The torch Adam(W) instances inside megatron's (chained) optimizer; none when TE/apex supplied Adam."""
@@ -20,7 +24,8 @@ def _torch_adams(optimizer):
 
 
 def use_fused_adam(optimizer) -> int:
-    """Switch megatron's torch-Adam fallback to torch's fused kernel where every parameter is on CUDA.
+    """Switch megatron's torch-Adam fallback to torch's fused kernel where every parameter is on CUDA
+    (`FUSED_ADAM_DEVICES`).
 
     megatron-core 0.16.1 builds `torch.optim.AdamW(params, lr, weight_decay, betas, eps)` when neither TE nor apex
     is installed (megatron/core/optimizer/__init__.py), which on CUDA picks the foreach path: about ten passes over
@@ -31,7 +36,7 @@ def use_fused_adam(optimizer) -> int:
     for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             params = group["params"]
-            if not params or not all(p.is_cuda and p.is_floating_point() for p in params):
+            if not params or not all(p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in params):
                 continue
             group["fused"], group["foreach"] = True, False
             switched += 1
