@@ -1,8 +1,9 @@
 """The backward of the fused QKV-bias-RoPE (`qkv_rope.QKVBiasRope`) as one Triton kernel: d(mixed) = [Rᵀ·dq, Rᵀ·dk,
 dv] in megatron's head-group layout, read from the gradients the attention hands back in whatever strides they
-have, written once. Why: inductor's kernel for the same function took ~4.6 ms per ViT block at 128,960 patches
-against ~0.9 ms for the forward over the same bytes (benchmarks/bench_qkv_rope.py, H100, 2026-12-05/07); the
-bias gradient's row sum is left to ATen (moving it out of inductor's kernel changed nothing, same bench).
+have, written once; the bias gradient's row sum is left to ATen. Why: inductor's kernel for the same function takes
+~4.6 ms per ViT block at 128,960 patches, ~1.6 ms this one (benchmarks/bench_qkv_rope.py, H100, 2026-12-07).
+Opt-in (MMPL_QKV_ROPE_BACKWARD=triton, attention/qkv_rope.py): the whole ViT tower was 6 % slower with it on the
+same day (bench_vit_tower.py; docs/PERFORMANCE.md), not yet explained.
 """
 
 from __future__ import annotations
