@@ -35,6 +35,7 @@ _COMPILED: dict[tuple, object] = {}
 # (attention/qkv_rope_backward.py, when Triton is installed); MMPL_QKV_ROPE_BACKWARD picks one. The default stays
 # inductor's until the Triton kernel is timed in the whole job on a GPU (benchmarks/bench_qkv_rope.py, bench_e2e.py).
 BACKWARD = os.environ.get("MMPL_QKV_ROPE_BACKWARD", "compiled")
+_TRITON_BACKWARD = BACKWARD == "triton" and importlib.util.find_spec("triton") is not None  # looked up once
 
 
 def qkv_bias_rope(mixed: torch.Tensor, bias: torch.Tensor | None, freqs: torch.Tensor, q_per_group: int,
@@ -66,7 +67,7 @@ class QKVBiasRope(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         (freqs,) = ctx.saved_tensors
         q_per_group, head_dim, has_bias = ctx.layout
-        if dv.is_cuda and BACKWARD == "triton" and importlib.util.find_spec("triton") is not None:
+        if dv.is_cuda and _TRITON_BACKWARD:
             dmixed = qkv_rope_grad_triton(dq, dk, dv, freqs, q_per_group, head_dim)
             return dmixed, (dmixed.sum((0, 1)) if has_bias else None), None, None, None
         dmixed, dbias = compiled_qkv_bias_rope_grad(*ctx.layout)(*sequence_dynamic(dq, dk, dv, freqs))

@@ -23,7 +23,7 @@ def _torch_adams(optimizer):
             yield inner
 
 
-def use_fused_adam(optimizer) -> int:
+def use_fused_adam(optimizer) -> None:
     """Switch megatron's torch-Adam fallback to torch's fused kernel where every parameter is on CUDA
     (`FUSED_ADAM_DEVICES`).
 
@@ -31,20 +31,17 @@ def use_fused_adam(optimizer) -> int:
     is installed (megatron/core/optimizer/__init__.py), which on CUDA picks the foreach path: about ten passes over
     the fp32 master weights and moments. The fused kernel makes one (same update rule; torch's tests hold it to
     the foreach result within rounding). Its 'step' counters live on the device as float32, as torch keeps them
-    for fused; existing counters (a resume) are moved there. Idempotent; returns the param groups switched."""
-    switched = 0
+    for fused; existing counters (a resume) are moved there. Idempotent."""
     for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             params = group["params"]
             if not params or not all(p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in params):
                 continue
             group["fused"], group["foreach"] = True, False
-            switched += 1
             for p in params:
                 step = inner.state.get(p, {}).get("step")
                 if torch.is_tensor(step) and (step.device != p.device or step.dtype != torch.float32):
                     inner.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
-    return switched
 
 
 def allocate_adam_state(optimizer) -> None:

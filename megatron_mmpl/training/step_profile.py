@@ -117,7 +117,8 @@ def summarize_kernels(kernels: list[tuple[str, float, float]], steps: int) -> st
         return "no GPU kernels recorded\n"
     per: dict[str, float] = {}
     for name, a, b in kernels:
-        per[kernel_class(name)] = per.get(kernel_class(name), 0.0) + (b - a)
+        cls = kernel_class(name)
+        per[cls] = per.get(cls, 0.0) + (b - a)
     total = sum(per.values())
     span = max(b for _, _, b in kernels) - min(a for _, a, _ in kernels)
     busy = busy_time([(a, b) for _, a, b in kernels])
