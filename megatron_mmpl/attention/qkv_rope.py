@@ -35,6 +35,8 @@ _COMPILED: dict[tuple, object] = {}
 # (attention/qkv_rope_backward.py, when Triton is installed); MMPL_QKV_ROPE_BACKWARD picks one. The default stays
 # inductor's until the Triton kernel is timed in the whole job on a GPU (benchmarks/bench_qkv_rope.py, bench_e2e.py).
 BACKWARD = os.environ.get("MMPL_QKV_ROPE_BACKWARD", "compiled")
+if BACKWARD not in ("compiled", "triton"):
+    raise ValueError(f"MMPL_QKV_ROPE_BACKWARD={BACKWARD!r}: set it to 'compiled' (the default) or 'triton'")
 _TRITON_BACKWARD = BACKWARD == "triton" and importlib.util.find_spec("triton") is not None  # looked up once
 
 
