@@ -129,6 +129,26 @@ def summarize_kernels(kernels: list[tuple[str, float, float]], steps: int) -> st
     return "\n".join(lines) + "\n"
 
 
+def idle_gaps(kernels: list[tuple[str, float, float]], host: list[tuple[str, float, float]] = (),
+              count: int = 10) -> list[tuple[float, str, str, str]]:
+    """The `count` longest stretches where no GPU kernel ran, longest first: (µs, the kernel that ended it before,
+    the kernel that started after, the host call that overlapped it most, e.g. a cudaStreamSynchronize or a
+    launch; "" if none). kernels and host: (name, start µs, end µs)."""
+    gaps, end, last = [], float("-inf"), ""
+    for name, a, b in sorted(kernels, key=lambda k: k[1]):
+        if a > end and last:
+            gaps.append((a - end, end, a, last, name))
+        if b > end:
+            end, last = b, name
+    gaps = sorted(gaps, key=lambda g: -g[0])[:count]
+
+    def overlap(g0, g1):
+        best = max(((min(b, g1) - max(a, g0), n) for n, a, b in host), default=(0.0, ""))
+        return best[1] if best[0] > 0 else ""
+
+    return [(gap, before, after, overlap(g0, g1)) for gap, g0, g1, before, after in gaps]
+
+
 def stop_profiler(prof, run_dir: str, steps: int) -> str:
     """Writes <run_dir>/profile/trace.json (chrome://tracing, Perfetto) and kernels.txt (kernel classes and the
     GPU's busy share per step, then the top ops by device time); returns the table's path."""

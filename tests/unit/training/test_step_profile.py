@@ -1,8 +1,11 @@
-"""The profile's kernel-class table: names sorted into classes, and the GPU's busy time as a union of intervals."""
+"""The profile's kernel-class table: names sorted into classes, the GPU's busy time as a union of intervals, its
+longest idle stretches, and benchmarks/profile_classes.py reading the same off a chrome trace."""
+
+from pathlib import Path
 
 import pytest
 
-from megatron_mmpl.training.step_profile import busy_time, kernel_class, summarize_kernels
+from megatron_mmpl.training.step_profile import busy_time, idle_gaps, kernel_class, summarize_kernels
 
 pytestmark = pytest.mark.unit
 
@@ -38,3 +41,31 @@ def test_summary_shares_and_idle():
     assert "| gemm | 66.7% | 0.6 |" in text and "| elementwise | 22.2% | 0.2 |" in text
     assert "| attention | 11.1% | 0.1 |" in text
     assert "GPU busy 0.9 ms of 1.0 ms per step (90.0%); idle (host work, syncs, launch gaps) 10.0%" in text
+
+
+def test_idle_gaps_longest_first_with_their_neighbours_and_host_call():
+    kernels = [("a", 0.0, 10.0), ("b", 5.0, 20.0), ("c", 50.0, 60.0), ("d", 62.0, 70.0), ("e", 170.0, 171.0)]
+    host = [("cudaLaunchKernel", 20.0, 22.0), ("cudaStreamSynchronize", 71.0, 169.0), ("cudaMemcpyAsync", 25.0, 40.0)]
+    assert idle_gaps(kernels, host, count=2) == [(100.0, "d", "e", "cudaStreamSynchronize"),
+                                                (30.0, "b", "c", "cudaMemcpyAsync")]
+    assert idle_gaps(kernels, count=5)[-1] == (2.0, "c", "d", "")  # no host events: no name
+    assert idle_gaps([("a", 0.0, 10.0), ("b", 2.0, 8.0)]) == []  # overlapping kernels leave no gap
+
+
+def test_profile_classes_reads_a_chrome_trace(tmp_path, capsys):
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[3] / "benchmarks"))
+    import profile_classes
+
+    events = [{"ph": "X", "cat": "kernel", "name": "nvjet_x", "ts": 0, "dur": 600},
+              {"ph": "X", "cat": "kernel", "name": "vectorized_elementwise_kernel", "ts": 900, "dur": 100},
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 610, "dur": 280},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1000}]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    profile_classes.main([str(path), "--gaps", "3"])
+    out = capsys.readouterr().out
+    assert "| gemm | 85.7% | 0.6 |" in out and "GPU busy 0.7 ms of 1.0 ms per step (70.0%)" in out
+    assert "| 300 | nvjet_x | vectorized_elementwise_kernel | cudaStreamSynchronize |" in out
