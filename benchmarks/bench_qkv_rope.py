@@ -2,8 +2,8 @@
 megatron's path (broadcast bias add, views, the compiled RoPE of compat/cuda_rope.py on q and on k), the one
 compiled kernel of attention/qkv_rope.py with the backward autograd derives for it, and the same forward with the
 backward written out (RoPE's transpose on dq and dk, the three gradients laid back into the QKV buffer's layout,
-the bias gradient's row sum) as one inductor-compiled function (the trainer's default), and as one Triton kernel
-(attention/qkv_rope_backward.py, MMPL_QKV_ROPE_BACKWARD=triton) with ATen's row sum.
+the bias gradient's row sum) as one inductor-compiled function (MMPL_QKV_ROPE_BACKWARD=compiled), and as one Triton
+kernel (attention/qkv_rope_backward.py, the trainer's default on CUDA) with ATen's row sum.
 
 On 2026-12-04 (H200) the derived backward took 4.97 ms per ViT block against 0.77 ms for its forward
 (benchmarks/bench_vit_tower.py --profile). This bench says whether a written-out backward, or the layout of the
@@ -46,7 +46,7 @@ def megatron_path(mixed, bias, freqs, qpg: int, d: int):
 
 
 class CompiledBackward(QKVBiasRope):
-    """QKVBiasRope with inductor's compiled backward (the trainer's default)."""
+    """QKVBiasRope with inductor's compiled backward (MMPL_QKV_ROPE_BACKWARD=compiled)."""
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -55,7 +55,7 @@ class CompiledBackward(QKVBiasRope):
 
 
 class TritonBackward(QKVBiasRope):
-    """QKVBiasRope with the Triton kernel (MMPL_QKV_ROPE_BACKWARD=triton) and ATen's bias row sum."""
+    """QKVBiasRope with the Triton kernel (the trainer's default on CUDA) and ATen's bias row sum."""
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -115,8 +115,8 @@ def run_shape(name: str, reps: int, dev: str, seq_div: int) -> None:
     paths = {
         "megatron": lambda: megatron_path(mixed, bias, freqs, qpg, d),
         "fused, derived backward": lambda: compiled_qkv_bias_rope(qpg, d, True)(*sequence_dynamic(mixed, freqs), bias),
-        "fused, written-out backward, inductor (default)": lambda: CompiledBackward.apply(mixed, bias, freqs, qpg, d),
-        "fused, written-out backward, Triton": lambda: TritonBackward.apply(mixed, bias, freqs, qpg, d),
+        "fused, written-out backward, inductor": lambda: CompiledBackward.apply(mixed, bias, freqs, qpg, d),
+        "fused, written-out backward, Triton (default)": lambda: TritonBackward.apply(mixed, bias, freqs, qpg, d),
     }
     for layout, dys in grads.items():
         ref = None

@@ -31,12 +31,13 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron_mmpl.attention.qkv_rope_backward import qkv_rope_grad_triton
 
 _COMPILED: dict[tuple, object] = {}
-# The backward's kernel on CUDA: "compiled" (inductor's, from `_qkv_bias_rope_grad`) or "triton"
-# (attention/qkv_rope_backward.py, when Triton is installed); MMPL_QKV_ROPE_BACKWARD picks one. The default stays
-# inductor's until the Triton kernel is timed in the whole job on a GPU (benchmarks/bench_qkv_rope.py, bench_e2e.py).
-BACKWARD = os.environ.get("MMPL_QKV_ROPE_BACKWARD", "compiled")
+# The backward's kernel on CUDA: "triton" (attention/qkv_rope_backward.py; the default where Triton is installed)
+# or "compiled" (inductor's, from `_qkv_bias_rope_grad`); MMPL_QKV_ROPE_BACKWARD picks one. The Triton kernel does
+# in 1.4 ms per ViT block what inductor's does in 4.9 (the ViT tower's fwd+bwd kernel time 1.66 against 1.75 s,
+# H100, 2026-12-07; docs/PERFORMANCE.md).
+BACKWARD = os.environ.get("MMPL_QKV_ROPE_BACKWARD", "triton")
 if BACKWARD not in ("compiled", "triton"):
-    raise ValueError(f"MMPL_QKV_ROPE_BACKWARD={BACKWARD!r}: set it to 'compiled' (the default) or 'triton'")
+    raise ValueError(f"MMPL_QKV_ROPE_BACKWARD={BACKWARD!r}: set it to 'triton' (the default) or 'compiled'")
 _TRITON_BACKWARD = BACKWARD == "triton" and importlib.util.find_spec("triton") is not None  # looked up once
 
 
@@ -52,10 +53,10 @@ def qkv_bias_rope(mixed: torch.Tensor, bias: torch.Tensor | None, freqs: torch.T
 
 class QKVBiasRope(torch.autograd.Function):
     """The compiled forward with the backward written out: d(mixed) = [Rᵀ·dq, Rᵀ·dk, dv] in megatron's
-    head-group layout, d(bias) its sum over rows: one compiled function, or with MMPL_QKV_ROPE_BACKWARD=triton on
-    CUDA one Triton kernel (attention/qkv_rope_backward.py) and ATen's row sum. The backward autograd derives
-    from the forward's graph took 4.97 ms per ViT block against 0.77 ms for the forward (bench_vit_tower.py
-    --profile, H200, 2026-12-04); benchmarks/bench_qkv_rope.py times the variants."""
+    head-group layout, d(bias) its sum over rows. On CUDA that is one Triton kernel (attention/qkv_rope_backward.py)
+    and ATen's row sum; with MMPL_QKV_ROPE_BACKWARD=compiled, or without Triton, one compiled function. The
+    backward autograd derives from the forward's graph took 4.97 ms per ViT block against 0.77 ms for the forward
+    (bench_vit_tower.py --profile, H200, 2026-12-04); benchmarks/bench_qkv_rope.py times the variants."""
 
     @staticmethod
     def forward(ctx, mixed, bias, freqs, q_per_group: int, head_dim: int):

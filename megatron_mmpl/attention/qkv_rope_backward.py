@@ -2,8 +2,9 @@
 dv] in megatron's head-group layout, read from the gradients the attention hands back in whatever strides they
 have, written once; the bias gradient's row sum is left to ATen. Why: inductor's kernel for the same function takes
 ~4.6 ms per ViT block at 128,960 patches, ~1.6 ms this one (benchmarks/bench_qkv_rope.py, H100, 2026-12-07).
-Opt-in (MMPL_QKV_ROPE_BACKWARD=triton, attention/qkv_rope.py): the whole ViT tower was 6 % slower with it on the
-same day (bench_vit_tower.py; docs/PERFORMANCE.md), not yet explained.
+The default on CUDA where Triton is installed (MMPL_QKV_ROPE_BACKWARD=compiled picks inductor's,
+attention/qkv_rope.py). In the ViT tower's forward + backward the kernel time fell from 1.75 to 1.66 s
+(bench_vit_tower.py --profile, H100, 2026-12-07; docs/PERFORMANCE.md says how an order effect first hid it).
 """
 
 from __future__ import annotations
