@@ -57,9 +57,20 @@ def window_order(grid_thw, merge: int, window_size: int, patch_size: int) -> tup
 
 def vision_rope_freqs(grid_thw, merge: int, head_dim: int, theta: float) -> torch.Tensor:
     """Rotary angles per patch, processor order → [n_patches, head_dim/2]: row angles then column angles."""
+    return rope_from_coords(patch_coords(grid_thw, merge), vision_inv_freq(head_dim, theta))
+
+
+def vision_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """The 2D RoPE's inverse frequencies [head_dim/4], fp32, computed on the host (one place, so that the angles
+    are the same bits wherever they are multiplied out)."""
     half = head_dim // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float) / half))  # [head_dim/4]
-    rc = patch_coords(grid_thw, merge).float()
+    return 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float) / half))
+
+
+def rope_from_coords(coords: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """(row, col) per patch [n, 2] (any integer dtype) and `vision_inv_freq` on the same device → angles
+    [n, head_dim/2] fp32: row·inv_freq then col·inv_freq, one IEEE product each, so host and GPU give the same bits."""
+    rc = coords.float()
     return torch.cat([rc[:, :1] * inv_freq, rc[:, 1:] * inv_freq], dim=-1)
 
 
@@ -77,9 +88,10 @@ def windows_by_size(order: torch.Tensor, cu_window: torch.Tensor, frame_cu: torc
     if torch.equal(by_size, torch.arange(lens.numel())):
         return order, cu_window, None
     starts = cu_window[:-1].long()[by_size]
-    src = torch.cat([torch.arange(a, a + n) for a, n in zip(starts.tolist(), lens[by_size].tolist())])
+    sized = lens[by_size]
+    src = torch.repeat_interleave(starts - (sized.cumsum(0) - sized), sized) + torch.arange(int(sized.sum()))
     blocks = src.view(-1, unit)[:, 0] // unit  # whole merge blocks move together
-    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens[by_size].cumsum(0)]).to(cu_window.dtype)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), sized.cumsum(0)]).to(cu_window.dtype)
     frame = torch.bucketize(src, frame_cu[1:].long(), right=True)  # frame of each regrouped row
     in_place = bool((frame[1:] >= frame[:-1]).all())
     return order[blocks], cu, None if in_place else src

@@ -21,7 +21,9 @@ from megatron_mmpl.models.qwen25vl.specs import (
 )
 from megatron_mmpl.models.qwen25vl.vision_geometry import (
     frame_cu_seqlens,
-    vision_rope_freqs,
+    patch_coords,
+    rope_from_coords,
+    vision_inv_freq,
     window_order,
     windows_by_size,
 )
@@ -86,21 +88,26 @@ class Qwen25VisionModel(MegatronModule):
 
     def window_layout(self, grid_thw, device):
         """Window order of merge blocks (windows of one size back to back), the matching patch permutation and
-        its inverse, RoPE angles [n, 1, 1, head_dim] in that order, and the attention segments of both block kinds
-        (boundaries stay on the host, where attention reads them; the rest is copied asynchronously)."""
+        its inverse, RoPE angles [n, 1, 1, head_dim] in that order, and the attention segments of both block kinds.
+        Boundaries stay on the host, where attention reads them; the index tensors and the patches' int32 (row,
+        col) are copied asynchronously and the angles multiplied out on the device. Why: this host work kept the
+        GPU idle ~41 ms per ViT forward at 128,960 patches (`benchmarks/profile_classes.py --gaps` on
+        bench_vit_tower.py's trace, H100, 2026-12-07), over a third of it building and copying the angles
+        (2 × 20 MB fp32)."""
         d, unit = self.dims, self.merge_unit
         frames = frame_cu_seqlens(grid_thw)
         order, cu_window, src = windows_by_size(
             *window_order(grid_thw, d.spatial_merge_size, d.window_size, d.patch_size), frames, unit)
         perm = (order[:, None] * unit + torch.arange(unit)).view(-1)  # patch order in windows
-        freqs = vision_rope_freqs(grid_thw, d.spatial_merge_size, self.config.kv_channels, d.rope_theta)[perm]
+        coords = patch_coords(grid_thw, d.spatial_merge_size)[perm].to(torch.int32)
+        inv_freq = vision_inv_freq(self.config.kv_channels, d.rope_theta)
+        freqs = rope_from_coords(*(to_device(t, device) for t in (coords, inv_freq)))
         rope = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [n, 1, 1, head_dim]
         segs = VisionSegments(window=packed_seq_params(cu_window), full=packed_seq_params(frames))
         if src is not None:  # full-attention blocks gather their rows into frames, and back
-            frame_rows = torch.argsort(src)
-            segs.frame_rows, segs.block_rows, segs.frame_rope = (
-                to_device(t, device) for t in (frame_rows, src, rope[frame_rows]))
-        return order, *(to_device(t, device) for t in (perm, torch.argsort(perm), rope)), segs
+            segs.frame_rows, segs.block_rows = (to_device(t, device) for t in (torch.argsort(src), src))
+            segs.frame_rope = rope[segs.frame_rows]
+        return order, *(to_device(t, device) for t in (perm, torch.argsort(perm))), rope, segs
 
 
 class PatchEmbed(torch.nn.Conv3d):
