@@ -12,7 +12,7 @@ import argparse
 import gzip
 import json
 
-from megatron_mmpl.training.step_profile import idle_gaps, summarize_kernels
+from megatron_mmpl.training.step_profile import summarize_gaps, summarize_kernels
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_CATEGORIES = ("cuda_runtime", "cuda_driver")
@@ -35,9 +35,7 @@ def main(argv=None) -> None:
     kernels = trace_events(args.trace)
     print(summarize_kernels(kernels, args.steps))
     if args.gaps:
-        print("| GPU idle µs | after kernel | before kernel | host call overlapping most |\n|---:|---|---|---|")
-        for gap, before, after, host in idle_gaps(kernels, trace_events(args.trace, HOST_CATEGORIES), args.gaps):
-            print(f"| {gap:,.0f} | {before[:60]} | {after[:60]} | {host[:40]} |")
+        print(summarize_gaps(kernels, trace_events(args.trace, HOST_CATEGORIES), args.gaps))
 
 
 if __name__ == "__main__":

@@ -150,18 +150,31 @@ def idle_gaps(kernels: list[tuple[str, float, float]], host: list[tuple[str, flo
     return [(gap, before, after, overlap(g0, g1)) for gap, g0, g1, before, after in gaps]
 
 
+def summarize_gaps(kernels: list[tuple[str, float, float]], host: list[tuple[str, float, float]],
+                   count: int = 12) -> str:
+    """`idle_gaps` as a markdown table."""
+    lines = ["| GPU idle µs | after kernel | before kernel | host call overlapping most |", "|---:|---|---|---|"]
+    lines += [f"| {gap:,.0f} | {before[:60]} | {after[:60]} | {call[:40]} |"
+              for gap, before, after, call in idle_gaps(kernels, host, count)]
+    return "\n".join(lines) + "\n"
+
+
 def stop_profiler(prof, run_dir: str, steps: int) -> str:
     """Writes <run_dir>/profile/trace.json (chrome://tracing, Perfetto) and kernels.txt (kernel classes and the
-    GPU's busy share per step, then the top ops by device time); returns the table's path."""
+    GPU's busy share per step, its longest idle stretches, then the top ops by device time); returns its path."""
     prof.__exit__(None, None, None)
     out = os.path.join(run_dir, "profile")
     os.makedirs(out, exist_ok=True)
     prof.export_chrome_trace(os.path.join(out, "trace.json"))
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90)
-    device = [e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CPU]
-    classes = summarize_kernels([(e.name, e.time_range.start, e.time_range.end) for e in device], steps)
+    events = [(e.name, e.time_range.start, e.time_range.end, e.device_type) for e in prof.events()]
+    cpu = torch.autograd.DeviceType.CPU
+    device = [(n, a, b) for n, a, b, t in events if t != cpu]
+    host = [(n, a, b) for n, a, b, t in events if t == cpu and n.startswith(("cuda", "cu"))]  # runtime calls
+    classes, gaps = summarize_kernels(device, steps), summarize_gaps(device, host) if device else ""
     path = os.path.join(out, "kernels.txt")
     with open(path, "w") as f:
-        f.write(f"# torch.profiler over {steps} step(s)\n\n{classes}\n# ops sorted by {key}\n{table}\n")
+        f.write(f"# torch.profiler over {steps} step(s)\n\n{classes}\n# longest GPU idle stretches\n{gaps}\n"
+                f"# ops sorted by {key}\n{table}\n")
     return path

@@ -70,3 +70,16 @@ def test_profile_classes_reads_a_chrome_trace(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| gemm | 85.7% | 0.6 |" in out and "GPU busy 0.7 ms of 1.0 ms per step (70.0%)" in out
     assert "| 300 | nvjet_x | vectorized_elementwise_kernel | cudaStreamSynchronize |" in out
+
+
+def test_profiler_writes_the_trace_and_the_kernel_table(tmp_path):
+    import torch
+
+    from megatron_mmpl.training.step_profile import start_profiler, stop_profiler
+
+    prof = start_profiler(str(tmp_path))
+    torch.ones(64, 64) @ torch.ones(64, 64)
+    text = Path(stop_profiler(prof, str(tmp_path), steps=1)).read_text()
+    assert (tmp_path / "profile" / "trace.json").is_file()
+    assert "# torch.profiler over 1 step(s)" in text and "# longest GPU idle stretches" in text
+    assert "aten::mm" in text  # the op table (CPU time here: no GPU kernels, so no classes and no gaps)
