@@ -133,10 +133,10 @@ def test_written_out_backward_equals_autograds(has_bias):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_triton_backward_equals_the_written_out_function(dtype, monkeypatch):
     """The Triton kernel of QKVBiasRope's backward (the default on CUDA; run on CUDA when present, else in Triton's
-    interpreter) equals `_qkv_bias_rope_grad`'s d(mixed) for GQA with a partial rotary width and for the ViT's heads, with
-    gradients in SDPA's [b, h, s, d] strides and contiguous, b=2 rows sharing freqs: fp64 to 1e-12, bf16 within
-    one bf16 ulp of the fp64 result on the same bf16 inputs (2⁻⁷ of the largest value: the interpreter rounds
-    bf16 by truncation)."""
+    interpreter) equals `_qkv_bias_rope_grad`'s d(mixed) for GQA with a partial rotary width and for the ViT's
+    heads, with gradients in SDPA's [b, h, s, d] strides and contiguous, b=2 rows sharing freqs: fp64 to 1e-12,
+    bf16 within one bf16 ulp of the fp64 result on the same bf16 inputs (2⁻⁷ of the largest value: the
+    interpreter rounds bf16 by truncation)."""
     from megatron_mmpl.attention import qkv_rope_backward
     from megatron_mmpl.attention.qkv_rope import _qkv_bias_rope_grad
 
