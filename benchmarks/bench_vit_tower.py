@@ -55,6 +55,9 @@ def patch_embed_forms(vit, n: int) -> None:
           f"({t_conv / t_gemm:.1f}x), max |Δ| of outputs {err:.2e}")
 
 
+ABLATIONS = (("qkv-rope",), ("bias-dropout",), ("qkv-rope", "bias-dropout"), ("triton-backward",))
+
+
 def set_fusions(vit, off: tuple[str, ...]) -> None:
     """Turn the tower's CUDA fusions off by name ("qkv-rope": QKVRopeSelfAttention's one kernel; "bias-dropout":
     megatron's compiled bias-dropout-add) or back on; both are read at forward time."""
@@ -65,6 +68,32 @@ def set_fusions(vit, off: tuple[str, ...]) -> None:
             mod.fused_qkv_rope = "qkv-rope" not in off and bool(mod.config.apply_rope_fusion) and fusable(mod)
         if hasattr(mod, "config"):
             mod.config.bias_dropout_fusion = "bias-dropout" not in off
+
+
+def ablate(vit, step, forward) -> None:
+    """Each of ABLATIONS against the tower as built ("triton-backward": inductor's kernel for the QKV-RoPE
+    backward instead of the Triton one), timed A B B A in this one process (base, ablated, ablated, base): on the
+    device machines a second process, or a later run, can be 6-15 % slower whatever it runs (docs/PERFORMANCE.md,
+    2026-12-07), so one pair of runs does not rank two settings."""
+    from megatron_mmpl.attention import qkv_rope
+
+    triton = qkv_rope._TRITON_BACKWARD  # read at backward time
+    for off in ABLATIONS:
+        times = {}
+        for setting in ((), off, off, ()):
+            set_fusions(vit, setting)
+            qkv_rope._TRITON_BACKWARD = triton and "triton-backward" not in setting
+            with torch.no_grad():
+                f = timed(forward, warmup=1, reps=3)
+            times.setdefault(setting, []).append((timed(step, warmup=1, reps=3), f))
+        (a, fa), (b, fb) = ([sum(x) / 2 for x in zip(*times[k])] for k in ((), off))
+        print(f"  without {' + '.join(off)}: fwd+bwd {b:.3f} s against {a:.3f} ({b / a - 1:+.1%}), forward alone "
+              f"{fb:.3f} s against {fa:.3f} ({fb / fa - 1:+.1%}); A B B A")
+    set_fusions(vit, ())
+    qkv_rope._TRITON_BACKWARD = triton
+
+
+ABLATIONS = (("qkv-rope",), ("bias-dropout",), ("qkv-rope", "bias-dropout"), ("triton-backward",))
 
 
 def run_mode(args, cfg, spec, layout, grid, flops: float, peak: float | None, first: bool) -> None:
@@ -96,14 +125,7 @@ def run_mode(args, cfg, spec, layout, grid, flops: float, peak: float | None, fi
     print(f"vit_recompute={mode}: fwd+bwd {sec:.3f} s, {flops / sec / 1e12:.0f} TFLOP/s{mfu}, peak {peak_gib:.1f} "
           f"GiB; forward alone (no grad) {fwd:.3f} s, {flops / 3 / fwd / 1e12:.0f} TFLOP/s")
     if args.ablate and first:
-        for off in (("qkv-rope",), ("bias-dropout",), ("qkv-rope", "bias-dropout")):
-            set_fusions(vit, off)
-            a = timed(step, warmup=1, reps=3)
-            with torch.no_grad():
-                f = timed(lambda: vit(pixels, grid), warmup=1, reps=3)
-            print(f"  without {' + '.join(off)}: fwd+bwd {a:.3f} s ({a / sec - 1:+.1%}), forward alone {f:.3f} s "
-                  f"({f / fwd - 1:+.1%})")
-        set_fusions(vit, ())
+        ablate(vit, step, lambda: vit(pixels, grid))
     if args.profile and first:
         from torch.profiler import ProfilerActivity, profile
 
@@ -124,8 +146,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one forward + backward")
     p.add_argument("--trace", default=None, help="with --profile: write the Chrome trace (JSON) here")
     p.add_argument("--ablate", action="store_true",
-                   help="also time the first mode with the QKV-bias-RoPE kernel, the bias-dropout-add fusion, or both "
-                        "turned off (same tower, same inputs)")
+                   help="also time the first mode with the QKV-bias-RoPE kernel, the bias-dropout-add fusion, both, "
+                        "or the Triton backward turned off (same tower, same inputs, A B B A)")
     args = p.parse_args()
 
     from megatron_mmpl.config import load_config
