@@ -133,7 +133,7 @@ def group_blocks(blocks: list[Block], device) -> GroupPlan:
         offset += len(blks) * q_len
     if in_order:
         return GroupPlan(tuple(groups), None, None)
-    inverse = to_device(torch.argsort(order), device)
+    inverse = to_device(inverse_permutation(order), device)
     return GroupPlan(tuple(groups), to_device(order, device) if own_keys else None, inverse)
 
 
@@ -160,6 +160,14 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """argsort(perm) for a permutation of 0..n-1, by one scatter instead of a sort (a few ms on the host for the
+    ViT's 128,960 rows)."""
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)
+    return inverse
+
+
 def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """x[perm] (dim 0), differentiable; `inverse` = argsort(perm)."""
+    """x[perm] (dim 0), differentiable; `inverse` = inverse_permutation(perm)."""
     return _PermuteRows.apply(x, perm, inverse)

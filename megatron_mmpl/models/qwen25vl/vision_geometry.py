@@ -8,6 +8,8 @@ m×m patches in row-major block order. Window attention groups merge blocks into
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
@@ -17,14 +19,16 @@ def _grids(grid_thw) -> list[tuple[int, int, int]]:
 
 def patch_coords(grid_thw, merge: int) -> torch.Tensor:
     """(row, col) of every patch in processor order → [n_patches, 2] int64."""
-    out = []
-    for t, h, w in _grids(grid_thw):
-        bh, bw = torch.meshgrid(torch.arange(h // merge), torch.arange(w // merge), indexing="ij")
-        i, j = torch.meshgrid(torch.arange(merge), torch.arange(merge), indexing="ij")
-        rows = (bh[:, :, None, None] * merge + i).reshape(-1)  # [blocks × m × m]
-        cols = (bw[:, :, None, None] * merge + j).reshape(-1)
-        out.append(torch.stack([rows, cols], dim=1).repeat(t, 1))
-    return torch.cat(out)
+    return torch.cat([_frame_coords(h, w, merge).repeat(t, 1) for t, h, w in _grids(grid_thw)])
+
+
+@lru_cache(maxsize=64)  # a document's pages mostly share one grid: each is built once
+def _frame_coords(h: int, w: int, merge: int) -> torch.Tensor:
+    bh, bw = torch.meshgrid(torch.arange(h // merge), torch.arange(w // merge), indexing="ij")
+    i, j = torch.meshgrid(torch.arange(merge), torch.arange(merge), indexing="ij")
+    rows = (bh[:, :, None, None] * merge + i).reshape(-1)  # [blocks × m × m]
+    cols = (bw[:, :, None, None] * merge + j).reshape(-1)
+    return torch.stack([rows, cols], dim=1)
 
 
 def frame_cu_seqlens(grid_thw) -> torch.Tensor:

@@ -11,7 +11,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from torch.utils.checkpoint import checkpoint
 
-from megatron_mmpl.attention.segments import permute_rows, to_device
+from megatron_mmpl.attention.segments import inverse_permutation, permute_rows, to_device
 from megatron_mmpl.models.qwen25vl.spec import VisionSpec
 from megatron_mmpl.models.qwen25vl.specs import (
     VisionSegments,
@@ -84,7 +84,8 @@ class Qwen25VisionModel(MegatronModule):
                          packed_seq_params=segs)
         h = h.reshape(n // unit, 1, -1)  # [n/m², 1, m²·h]: each merge block's patches side by side
         out = self.projection(h).squeeze(1)  # [n/m², LM hidden]
-        return permute_rows(out, *(to_device(t, x.device) for t in (torch.argsort(order), order)))  # processor order
+        back = (to_device(t, x.device) for t in (inverse_permutation(order), order))
+        return permute_rows(out, *back)  # processor order
 
     def window_layout(self, grid_thw, device):
         """Window order of merge blocks (windows of one size back to back), the matching patch permutation and
@@ -105,9 +106,9 @@ class Qwen25VisionModel(MegatronModule):
         rope = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [n, 1, 1, head_dim]
         segs = VisionSegments(window=packed_seq_params(cu_window), full=packed_seq_params(frames))
         if src is not None:  # full-attention blocks gather their rows into frames, and back
-            segs.frame_rows, segs.block_rows = (to_device(t, device) for t in (torch.argsort(src), src))
+            segs.frame_rows, segs.block_rows = (to_device(t, device) for t in (inverse_permutation(src), src))
             segs.frame_rope = rope[segs.frame_rows]
-        return order, *(to_device(t, device) for t in (perm, torch.argsort(perm))), rope, segs
+        return order, *(to_device(t, device) for t in (perm, inverse_permutation(perm))), rope, segs
 
 
 class PatchEmbed(torch.nn.Conv3d):

@@ -1,10 +1,19 @@
 """The ViT's window regrouping: windows of one size back to back, the same windows and rows, and the map back to
-frames exact (the whole tower against transformers is tests/distributed/test_qwen25vl_parity.py)."""
+frames exact; patch coordinates and RoPE angles as written out; the inverse permutation (the whole tower against
+transformers is tests/distributed/test_qwen25vl_parity.py)."""
 
 import pytest
 import torch
 
-from megatron_mmpl.models.qwen25vl.vision_geometry import frame_cu_seqlens, window_order, windows_by_size
+from megatron_mmpl.attention.segments import inverse_permutation
+from megatron_mmpl.models.qwen25vl.vision_geometry import (
+    frame_cu_seqlens,
+    patch_coords,
+    rope_from_coords,
+    vision_inv_freq,
+    window_order,
+    windows_by_size,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -44,3 +53,21 @@ def test_one_frame_or_one_window_size_needs_no_gather_into_frames():
     assert src is None and (cu2[1:] - cu2[:-1]).tolist() != (cu[1:] - cu[:-1]).tolist()
     (order, cu), (order2, cu2, src), _ = _regroup([[1, 64, 64], [2, 32, 32]])  # every window 64 patches
     assert src is None and torch.equal(order2, order) and torch.equal(cu2, cu)
+
+
+def test_patch_coords_and_angles_as_written_out():
+    # per frame, merge blocks row-major and each block's m×m patches row-major; a repeated grid comes from the cache
+    coords = patch_coords(torch.tensor([[1, 4, 6], [2, 2, 2], [1, 4, 6]]), MERGE)
+    first = [(r, c) for br in range(2) for bc in range(3) for r in (2 * br, 2 * br + 1) for c in (2 * bc, 2 * bc + 1)]
+    assert [tuple(x) for x in coords[:24].tolist()] == first == [tuple(x) for x in coords[32:].tolist()]
+    assert coords[24:28].tolist() == coords[28:32].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]  # t=2: twice
+    inv = vision_inv_freq(16, 10000.0)
+    assert torch.equal(inv, 1.0 / (10000.0 ** (torch.tensor([0.0, 2.0, 4.0, 6.0]) / 8)))
+    angles = rope_from_coords(coords.to(torch.int32), inv)
+    assert torch.equal(angles, torch.cat([coords[:, :1].float() * inv, coords[:, 1:].float() * inv], dim=-1))
+
+
+def test_inverse_permutation_is_argsort():
+    for n in (0, 1, 7, 5000):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        assert torch.equal(inverse_permutation(perm), torch.argsort(perm))
