@@ -94,7 +94,7 @@ class Qwen25VisionModel(MegatronModule):
         col) are copied asynchronously and the angles multiplied out on the device. Why: this host work kept the
         GPU idle ~41 ms per ViT forward at 128,960 patches (`benchmarks/profile_classes.py --gaps` on
         bench_vit_tower.py's trace, H100, 2026-12-07), most of it building and copying the angles (2 × 20 MB
-        fp32); on a CPU the host's part fell ~3-4x (docs/PERFORMANCE.md)."""
+        fp32); on a CPU the host's part fell several-fold (docs/PERFORMANCE.md)."""
         d, unit = self.dims, self.merge_unit
         frames = frame_cu_seqlens(grid_thw)
         order, cu_window, src = windows_by_size(
