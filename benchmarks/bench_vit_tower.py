@@ -55,7 +55,7 @@ def patch_embed_forms(vit, n: int) -> None:
           f"({t_conv / t_gemm:.1f}x), max |Δ| of outputs {err:.2e}")
 
 
-ABLATIONS = (("qkv-rope",), ("bias-dropout",), ("qkv-rope", "bias-dropout"), ("triton-backward",))
+ABLATIONS = (("triton-swiglu",), ("triton-backward",), ("qkv-rope",), ("bias-dropout",), ("qkv-rope", "bias-dropout"))
 
 
 def set_fusions(vit, off: tuple[str, ...]) -> None:
@@ -72,17 +72,23 @@ def set_fusions(vit, off: tuple[str, ...]) -> None:
 
 def ablate(vit, step, forward) -> None:
     """Each of ABLATIONS against the tower as built ("triton-backward": inductor's kernel for the QKV-RoPE
-    backward instead of the Triton one), timed A B B A in this one process (base, ablated, ablated, base): on the
+    backward instead of the Triton one; "triton-swiglu": megatron's compiled SwiGLU instead of compat/swiglu.py's
+    Triton kernels), timed A B B A in this one process (base, ablated, ablated, base): on the
     device machines a second process, or a later run, can be 6-15 % slower whatever it runs (docs/PERFORMANCE.md,
     2026-12-07), so one pair of runs does not rank two settings."""
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl as megatrons
+    from megatron.core.transformer import mlp
+
     from megatron_mmpl.attention import qkv_rope
 
     triton = qkv_rope._TRITON_BACKWARD  # read at backward time
+    swiglu = mlp.bias_swiglu_impl  # read at forward time: compat/swiglu.py's unless MMPL_SWIGLU=compiled
     for off in ABLATIONS:
         times = {}
         for setting in ((), off, off, ()):
             set_fusions(vit, setting)
             qkv_rope._TRITON_BACKWARD = triton and "triton-backward" not in setting
+            mlp.bias_swiglu_impl = megatrons if "triton-swiglu" in setting else swiglu
             with torch.no_grad():
                 f = timed(forward, warmup=1, reps=3)
             times.setdefault(setting, []).append((timed(step, warmup=1, reps=3), f))
@@ -91,9 +97,10 @@ def ablate(vit, step, forward) -> None:
               f"{fb:.3f} s against {fa:.3f} ({fb / fa - 1:+.1%}); A B B A")
     set_fusions(vit, ())
     qkv_rope._TRITON_BACKWARD = triton
+    mlp.bias_swiglu_impl = swiglu
 
 
-ABLATIONS = (("qkv-rope",), ("bias-dropout",), ("qkv-rope", "bias-dropout"), ("triton-backward",))
+ABLATIONS = (("triton-swiglu",), ("triton-backward",), ("qkv-rope",), ("bias-dropout",), ("qkv-rope", "bias-dropout"))
 
 
 def run_mode(args, cfg, spec, layout, grid, flops: float, peak: float | None, first: bool) -> None:

@@ -20,6 +20,8 @@ Modules, and the megatron-core 0.16.1 calls they serve:
   outlive destroy_parallel).
 - cuda_rope.py: a compiled RoPE kernel in rope_utils' fused-RoPE slot (`fused_apply_rotary_pos_emb`, TE's when
   installed) for config.apply_rope_fusion on CUDA.
+- swiglu.py: Triton forward and backward kernels in mlp's fused (bias-)SwiGLU slot (`bias_swiglu_impl`) for
+  config.bias_activation_fusion on CUDA (MMPL_SWIGLU=compiled keeps megatron's compiled ones).
 
 Subclasses that override megatron methods live with the model they shape (the hot path): LanguageModel._postprocess
 (GPTModel._postprocess, models/qwen25vl/language_model.py), VisionTransformerLayer.forward (TransformerLayer,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_mmpl.attention.rope_scaling import mrope_inv_freq
-from megatron_mmpl.compat import cuda_rope
+from megatron_mmpl.compat import cuda_rope, swiglu
 from megatron_mmpl.compat.rope import set_rope_softmax_scale
 from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 
@@ -74,8 +74,8 @@ def megatron_configs(
     `overrides` are extra TransformerConfig fields applied to all three; `language_overrides` only to the LM,
     `vision_overrides` only to the ViT blocks (e.g. recompute settings). `first_stage_layers`: LM layers on
     pipeline stage 0 (which also runs the ViT); the rest are split evenly over the other stages.
-    `fused_kernels` (CUDA only): megatron's fused SwiGLU in the LM and ViT MLPs and a compiled RoPE kernel
-    (compat/cuda_rope.py); the merger keeps its exact GELU (megatron's fused bias-GELU is the tanh approximation).
+    `fused_kernels` (CUDA only): megatron's fused-SwiGLU slot in the LM and ViT MLPs, filled with Triton kernels
+    (compat/swiglu.py), and a compiled RoPE kernel (compat/cuda_rope.py); the merger keeps its exact GELU (megatron's fused bias-GELU is the tanh approximation).
     """
     from megatron.core.transformer import TransformerConfig  # lazy: megatron's import costs seconds
 
@@ -130,6 +130,7 @@ def megatron_configs(
     fused = {}
     if cuda and fused_kernels:
         cuda_rope.install()
+        swiglu.install()  # Triton kernels for the gated SiLU of both towers (compat/swiglu.py)
         # megatron's compiled bias + dropout + residual (one kernel instead of a broadcast bias add and an add)
         fused = dict(bias_activation_fusion=True, apply_rope_fusion=True, bias_dropout_fusion=True)
     language = TransformerConfig(

@@ -20,6 +20,7 @@ def test_kernel_names_fall_into_their_classes():
         "void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>": "optimizer",
         "triton_poi_fused_add_cat_mul_neg_slice_0": "triton (compiled)",
         "qkv_rope_grad_kernel": "ours (Triton)",
+        "swiglu_bwd_kernel": "ours (Triton)",
         "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>": "norm",
         "Memcpy HtoD (Pinned -> Device)": "copy / cat / gather",
         "void at::native::(anonymous namespace)::CatArrayBatchedCopy<OpaqueType<2u>>": "copy / cat / gather",
