@@ -6,7 +6,7 @@ default `model.vit_recompute`); the input is 26 page images of 80×62 patches (t
 bench_e2e.py), random pixels (the tower's cost does not depend on them). FLOPs: training/flops.py's ViT count.
 
     python benchmarks/bench_vit_tower.py [--model qwen25vl-3b] [--images 26] [--grid 80 62] [--profile [--trace FILE]]
-                                         [--ablate]
+                                         [--ablate [NAME ...]]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def set_fusions(vit, off: tuple[str, ...]) -> None:
             mod.config.bias_dropout_fusion = "bias-dropout" not in off
 
 
-def ablate(vit, step, forward) -> None:
+def ablate(vit, step, forward, only=()) -> None:
     """Each of ABLATIONS against the tower as built ("triton-backward": inductor's kernel for the QKV-RoPE
     backward instead of the Triton one; "triton-swiglu": megatron's compiled SwiGLU instead of compat/swiglu.py's
     Triton kernels), timed A B B A in this one process (base, ablated, ablated, base): on the
@@ -83,7 +83,7 @@ def ablate(vit, step, forward) -> None:
 
     triton = qkv_rope._TRITON_BACKWARD  # read at backward time
     swiglu = mlp.bias_swiglu_impl  # read at forward time: compat/swiglu.py's unless MMPL_SWIGLU=compiled
-    for off in ABLATIONS:
+    for off in (a for a in ABLATIONS if not only or set(a) <= set(only)):
         times = {}
         for setting in ((), off, off, ()):
             set_fusions(vit, setting)
@@ -98,9 +98,6 @@ def ablate(vit, step, forward) -> None:
     set_fusions(vit, ())
     qkv_rope._TRITON_BACKWARD = triton
     mlp.bias_swiglu_impl = swiglu
-
-
-ABLATIONS = (("triton-swiglu",), ("triton-backward",), ("qkv-rope",), ("bias-dropout",), ("qkv-rope", "bias-dropout"))
 
 
 def run_mode(args, cfg, spec, layout, grid, flops: float, peak: float | None, first: bool) -> None:
@@ -131,8 +128,8 @@ def run_mode(args, cfg, spec, layout, grid, flops: float, peak: float | None, fi
     mfu = f", MFU {flops / sec / 1e12 / peak:.1%}" if peak else ""
     print(f"vit_recompute={mode}: fwd+bwd {sec:.3f} s, {flops / sec / 1e12:.0f} TFLOP/s{mfu}, peak {peak_gib:.1f} "
           f"GiB; forward alone (no grad) {fwd:.3f} s, {flops / 3 / fwd / 1e12:.0f} TFLOP/s")
-    if args.ablate and first:
-        ablate(vit, step, lambda: vit(pixels, grid))
+    if args.ablate is not None and first:
+        ablate(vit, step, lambda: vit(pixels, grid), args.ablate)
     if args.profile and first:
         from torch.profiler import ProfilerActivity, profile
 
@@ -152,9 +149,11 @@ def main() -> None:
     p.add_argument("--recompute", nargs="+", default=["chunked", "none"], help="model.vit_recompute values")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one forward + backward")
     p.add_argument("--trace", default=None, help="with --profile: write the Chrome trace (JSON) here")
-    p.add_argument("--ablate", action="store_true",
-                   help="also time the first mode with the QKV-bias-RoPE kernel, the bias-dropout-add fusion, both, "
-                        "or the Triton backward turned off (same tower, same inputs, A B B A)")
+    p.add_argument("--ablate", nargs="*", default=None, choices=sorted({n for off in ABLATIONS for n in off}),
+                   help="also time the first mode with each of ABLATIONS turned off (the Triton SwiGLU kernels, "
+                        "the Triton QKV-RoPE backward, the QKV-bias-RoPE kernel, the bias-dropout-add fusion, the "
+                        "last two together), or only those that turn off the names given (same tower, same inputs, "
+                        "A B B A)")
     args = p.parse_args()
 
     from megatron_mmpl.config import load_config
