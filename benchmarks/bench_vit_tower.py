@@ -55,7 +55,7 @@ def patch_embed_forms(vit, n: int) -> None:
           f"({t_conv / t_gemm:.1f}x), max |Δ| of outputs {err:.2e}")
 
 
-ABLATIONS = (("triton-swiglu",), ("triton-backward",), ("qkv-rope",), ("bias-dropout",), ("qkv-rope", "bias-dropout"))
+ABLATIONS = (("triton-windows",), ("triton-swiglu",), ("triton-backward",), ("qkv-rope",), ("bias-dropout",), ("qkv-rope", "bias-dropout"))
 
 
 def set_fusions(vit, off: tuple[str, ...]) -> None:
@@ -73,15 +73,16 @@ def set_fusions(vit, off: tuple[str, ...]) -> None:
 def ablate(vit, step, forward, only=()) -> None:
     """Each of ABLATIONS against the tower as built ("triton-backward": inductor's kernel for the QKV-RoPE
     backward instead of the Triton one; "triton-swiglu": megatron's compiled SwiGLU instead of compat/swiglu.py's
-    Triton kernels), timed A B B A in this one process (base, ablated, ablated, base): on the
+    Triton kernels; "triton-windows": batched SDPA for the windows instead of attention/window_attention.py), timed A B B A in this one process (base, ablated, ablated, base): on the
     device machines a second process, or a later run, can be 6-15 % slower whatever it runs (docs/PERFORMANCE.md,
     2026-12-07), so one pair of runs does not rank two settings."""
     from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl as megatrons
     from megatron.core.transformer import mlp
 
-    from megatron_mmpl.attention import qkv_rope
+    from megatron_mmpl.attention import qkv_rope, window_attention
 
     triton = qkv_rope._TRITON_BACKWARD  # read at backward time
+    windows = window_attention.KERNEL  # read at forward time
     swiglu = mlp.bias_swiglu_impl  # read at forward time: compat/swiglu.py's unless MMPL_SWIGLU=compiled
     for off in (a for a in ABLATIONS if not only or set(a) <= set(only)):
         times = {}
@@ -89,6 +90,7 @@ def ablate(vit, step, forward, only=()) -> None:
             set_fusions(vit, setting)
             qkv_rope._TRITON_BACKWARD = triton and "triton-backward" not in setting
             mlp.bias_swiglu_impl = megatrons if "triton-swiglu" in setting else swiglu
+            window_attention.KERNEL = "sdpa" if "triton-windows" in setting else windows
             with torch.no_grad():
                 f = timed(forward, warmup=1, reps=3)
             times.setdefault(setting, []).append((timed(step, warmup=1, reps=3), f))
@@ -98,6 +100,7 @@ def ablate(vit, step, forward, only=()) -> None:
     set_fusions(vit, ())
     qkv_rope._TRITON_BACKWARD = triton
     mlp.bias_swiglu_impl = swiglu
+    window_attention.KERNEL = windows
 
 
 def run_mode(args, cfg, spec, layout, grid, flops: float, peak: float | None, first: bool) -> None:
@@ -150,7 +153,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one forward + backward")
     p.add_argument("--trace", default=None, help="with --profile: write the Chrome trace (JSON) here")
     p.add_argument("--ablate", nargs="*", default=None, choices=sorted({n for off in ABLATIONS for n in off}),
-                   help="also time the first mode with each of ABLATIONS turned off (the Triton SwiGLU kernels, "
+                   help="also time the first mode with each of ABLATIONS turned off (the Triton window attention, "
+                        "the Triton SwiGLU kernels, "
                         "the Triton QKV-RoPE backward, the QKV-bias-RoPE kernel, the bias-dropout-add fusion, the "
                         "last two together), or only those that turn off the names given (same tower, same inputs, "
                         "A B B A)")

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from megatron_mmpl.attention import window_attention as windows
 from megatron_mmpl.attention.segments import GroupPlan, permute_rows
+from megatron_mmpl.attention.window_attention import window_attention
 
 # On GPU SDPA takes GQA as is (enable_gqa: measured as fast as repeated heads, with less memory —
 # benchmarks/bench_attention.py, sdpa vs sdpa-gqa); MMPL_SDPA_EXPAND_KV=1 repeats K/V heads instead.
@@ -49,13 +51,21 @@ def _tiling(plan: GroupPlan, sq: int, sk: int) -> list[int] | None:
 
 def sdpa_blocks(q, k, v, plan: GroupPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """q [sq, b, nq, d], k/v [sk, b, nkv, d] → [sq, b, nq, d]; one batched SDPA call per group of equal blocks
-    (`segments.group_blocks`), so thousands of ViT windows cost a handful of kernels."""
+    (`segments.group_blocks`), so thousands of ViT windows cost a handful of kernels. Short unmasked windows that
+    tile the rows (the ViT's) run as one Triton kernel instead where it fits (attention/window_attention.py)."""
     b, nq, d = q.shape[1:]
     groups = nq // k.shape[2]
     expand = groups > 1 and q.is_cuda and EXPAND_KV_ON_GPU
     if plan.perm is not None:  # self-attention: one reorder puts every group's rows back to back
         q, k, v = (permute_rows(t, plan.perm, plan.inverse) for t in (q, k, v))
-    sizes = _tiling(plan, q.shape[0], k.shape[0]) if len(plan.groups) > 1 else None
+    sizes = _tiling(plan, q.shape[0], k.shape[0])
+    tiles = None if sizes is None or any(g.causal for g in plan.groups) else [(g.n, g.q_len) for g in plan.groups]
+    if tiles is not None and windows.fits(q, k, tiles, dropout_p):
+        out = window_attention(q, k, v, tiles, scale)
+        if plan.perm is not None:
+            return permute_rows(out, plan.inverse, plan.perm)
+        return out if plan.inverse is None else out.index_select(0, plan.inverse)
+    sizes = sizes if len(plan.groups) > 1 else None
     if sizes is not None:
         parts = zip(*(torch.split(t, sizes) for t in (q, k, v)))
     outs = []
