@@ -8,7 +8,8 @@ Why: at the ViT's shape (128,960 patches, 16 heads of 80, windows of 64 and 48 p
 windows into batches, for ~0.04 TFLOP of work (bench_vit_tower.py --profile, H100, 2026-12-07): the windows are
 far too short for a flash kernel's tiles. Where it runs: `sdpa.sdpa_blocks`, for self-attention whose equal-size
 blocks tile the rows back to back (the ViT's windows after the tower's regrouping), no mask inside a window, no
-dropout, no GQA, windows up to 128 rows and heads up to 128 wide, on CUDA (or under TRITON_INTERPRET=1).
+dropout, no GQA, windows up to 128 rows and heads up to 128 wide, on CUDA in bf16, fp16 or fp32 (or in any dtype
+under TRITON_INTERPRET=1).
 MMPL_WINDOW_ATTENTION=sdpa keeps SDPA there.
 
 Arithmetic as a flash kernel's: q·kᵀ accumulated in fp32 (fp64 for fp64; IEEE, not TF32, for fp32 inputs),
@@ -33,7 +34,8 @@ _KERNELS = None
 
 def fits(q: torch.Tensor, k: torch.Tensor, sizes: list[tuple[int, int]], dropout_p: float) -> bool:
     """Whether windows of these (count, rows) sizes, back to back, run here rather than through SDPA."""
-    where = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    where = (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16, torch.float32)) or interpreted
     return (KERNEL == "triton" and where and _have_triton() and dropout_p == 0.0 and q.shape[2] == k.shape[2]
             and q.shape[-1] <= MAX_HEAD_DIM and max(rows for _, rows in sizes) <= MAX_ROWS)
 
