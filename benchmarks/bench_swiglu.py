@@ -22,6 +22,13 @@ SHAPES = {  # rows, F (the gated half), bias: the 3B's ViT MLP over 128,960 patc
 }
 
 
+def time_one(impl, y, bias, inputs, dout, reps: int) -> tuple[float, float]:
+    """Seconds per forward (no grad) and per forward + backward of one implementation."""
+    with torch.no_grad():
+        fwd = timed(lambda: impl(y, bias), warmup=2, reps=reps)
+    return fwd, timed(lambda: torch.autograd.grad(impl(y, bias), inputs, dout), warmup=2, reps=reps)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=20)
@@ -45,10 +52,7 @@ def main() -> None:
         err_b = max((a.float() - b.float()).abs().max().item() for a, b in zip(results[ours][1], results[megatrons][1]))
         times = {megatrons: [], ours: []}
         for impl in (megatrons, ours, ours, megatrons):
-            with torch.no_grad():
-                fwd = timed(lambda: impl(y, bias), warmup=2, reps=args.reps)
-            both = timed(lambda: torch.autograd.grad(impl(y, bias), inputs, dout), warmup=2, reps=args.reps)
-            times[impl].append((fwd, both))
+            times[impl].append(time_one(impl, y, bias, inputs, dout, args.reps))
         fwd_bytes = rows * 3 * f * 2  # read [rows, 2F], write [rows, F]
         bwd_bytes = rows * 5 * f * 2  # read [rows, 2F] and the grad [rows, F], write [rows, 2F]
         for impl, label in ((megatrons, "megatron's compiled"), (ours, "Triton (compat/swiglu.py)")):

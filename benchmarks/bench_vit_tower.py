@@ -55,7 +55,8 @@ def patch_embed_forms(vit, n: int) -> None:
           f"({t_conv / t_gemm:.1f}x), max |Δ| of outputs {err:.2e}")
 
 
-ABLATIONS = (("triton-windows",), ("triton-swiglu",), ("triton-backward",), ("qkv-rope",), ("bias-dropout",), ("qkv-rope", "bias-dropout"))
+ABLATIONS = (("triton-windows",), ("triton-swiglu",), ("triton-backward",), ("qkv-rope",), ("bias-dropout",),
+             ("qkv-rope", "bias-dropout"))
 
 
 def set_fusions(vit, off: tuple[str, ...]) -> None:
@@ -73,9 +74,10 @@ def set_fusions(vit, off: tuple[str, ...]) -> None:
 def ablate(vit, step, forward, only=()) -> None:
     """Each of ABLATIONS against the tower as built ("triton-backward": inductor's kernel for the QKV-RoPE
     backward instead of the Triton one; "triton-swiglu": megatron's compiled SwiGLU instead of compat/swiglu.py's
-    Triton kernels; "triton-windows": batched SDPA for the windows instead of attention/window_attention.py), timed A B B A in this one process (base, ablated, ablated, base): on the
-    device machines a second process, or a later run, can be 6-15 % slower whatever it runs (docs/PERFORMANCE.md,
-    2026-12-07), so one pair of runs does not rank two settings."""
+    Triton kernels; "triton-windows": batched SDPA for the windows instead of attention/window_attention.py), timed
+    A B B A in this one process (base, ablated, ablated, base): on the device machines a second process, or a
+    later run, can be 6-15 % slower whatever it runs (docs/PERFORMANCE.md, 2026-12-07), so one pair of runs does
+    not rank two settings. `only`: the names whose ablations to run (all when empty)."""
     from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl as megatrons
     from megatron.core.transformer import mlp
 

@@ -75,7 +75,8 @@ def megatron_configs(
     `vision_overrides` only to the ViT blocks (e.g. recompute settings). `first_stage_layers`: LM layers on
     pipeline stage 0 (which also runs the ViT); the rest are split evenly over the other stages.
     `fused_kernels` (CUDA only): megatron's fused-SwiGLU slot in the LM and ViT MLPs, filled with Triton kernels
-    (compat/swiglu.py), and a compiled RoPE kernel (compat/cuda_rope.py); the merger keeps its exact GELU (megatron's fused bias-GELU is the tanh approximation).
+    (compat/swiglu.py), and a compiled RoPE kernel (compat/cuda_rope.py); the merger keeps its exact GELU
+    (megatron's fused bias-GELU is the tanh approximation).
     """
     from megatron.core.transformer import TransformerConfig  # lazy: megatron's import costs seconds
 
