@@ -27,37 +27,37 @@ KERNEL = os.environ.get("MMPL_SWIGLU", "triton")
 if KERNEL not in ("triton", "compiled"):
     raise ValueError(f"MMPL_SWIGLU={KERNEL!r}: set it to 'triton' (the default) or 'compiled'")
 
-_KERNELS = None
+_KERNEL = None
 _BR, _BC = 16, 128  # rows x columns of one tile: 2,048 elements, 4 warps
 
 
 def swiglu_forward(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y [rows, 2F] (gate | up), bias [2F] or None → silu(gate + b_g) · (up + b_u), [rows, F] in y's dtype."""
-    import triton  # lazy: Triton ships with CUDA torch only
-
     rows, width = _check(y, bias)
     out = torch.empty(rows, width // 2, device=y.device, dtype=y.dtype)
-    fwd, _ = _kernels()
-    fwd[_grid(triton, rows, width // 2)](y, y if bias is None else bias, out, rows, F=width // 2,
-                                         HAS_BIAS=bias is not None, F64=y.dtype == torch.float64, BR=_BR, BC=_BC)
+    _launch(False, y, y, bias, out)  # y for the unused gradient
     return out
 
 
 def swiglu_backward(g: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """g [rows, F], y [rows, 2F], bias [2F] or None → d(y) [rows, 2F]: [g·σ(a)·(1 + a·(1 − σ(a)))·b, g·silu(a)]
     with a = gate + b_g, b = up + b_u (megatron's `swiglu_back`)."""
-    import triton  # lazy: as above
-
     rows, width = _check(y, bias)
     if g.shape != (rows, width // 2) or g.dtype != y.dtype:
         raise ValueError(f"swiglu_backward: grad {tuple(g.shape)} {g.dtype} does not fit input {tuple(y.shape)} "
                          f"{y.dtype}")
-    g = g.contiguous()
     dy = torch.empty_like(y)
-    _, bwd = _kernels()
-    bwd[_grid(triton, rows, width // 2)](g, y, y if bias is None else bias, dy, rows, F=width // 2,
-                                         HAS_BIAS=bias is not None, F64=y.dtype == torch.float64, BR=_BR, BC=_BC)
+    _launch(True, g.contiguous(), y, bias, dy)
     return dy
+
+
+def _launch(backward: bool, g, y, bias, out) -> None:
+    import triton  # lazy: Triton ships with CUDA torch only
+
+    rows, f = y.shape[0], y.shape[1] // 2
+    _kernel()[(triton.cdiv(rows, _BR), triton.cdiv(f, _BC))](
+        g, y, y if bias is None else bias, out, rows, F=f, HAS_BIAS=bias is not None, F64=y.dtype == torch.float64,
+        BR=_BR, BC=_BC, BACKWARD=backward)
 
 
 class BiasSwiGLU(torch.autograd.Function):
@@ -101,55 +101,38 @@ def _check(y: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
     return y.shape
 
 
-def _grid(triton, rows: int, f: int) -> tuple[int, int]:
-    return triton.cdiv(rows, _BR), triton.cdiv(f, _BC)
-
-
-def _kernels():
-    """The two Triton kernels, defined on first use (Triton is imported only where a GPU, or its interpreter, runs
-    them)."""
-    global _KERNELS
-    if _KERNELS is not None:
-        return _KERNELS
+def _kernel():
+    """The Triton kernel, defined on first use (Triton is imported only where a GPU, or its interpreter, runs it)."""
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
     import triton  # lazy: Triton ships with CUDA torch only
     import triton.language as tl  # lazy: as above
 
     # One program: a [BR, BC] tile of the F output columns; the gate and up halves of its rows are read side by side,
-    # bias added, in fp32 (fp64 for fp64), rounded once on store. The two kernels share these loads written out
-    # (a jit helper defined here would not be visible to them: Triton resolves names through module globals).
+    # bias added, in fp32 (fp64 for fp64), rounded once on store. The forward writes silu(a)·b; the backward
+    # (BACKWARD) reads the output's gradient g and writes d(y) = [g·σ(a)·(1 + a·(1 − σ(a)))·b, g·a·σ(a)].
     @triton.jit
-    def swiglu_fwd_kernel(y, bias, out, rows, F: tl.constexpr, HAS_BIAS: tl.constexpr, F64: tl.constexpr,
-                          BR: tl.constexpr, BC: tl.constexpr):
+    def swiglu_kernel(g, y, bias, out, rows, F: tl.constexpr, HAS_BIAS: tl.constexpr, F64: tl.constexpr,
+                      BR: tl.constexpr, BC: tl.constexpr, BACKWARD: tl.constexpr):
         row = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
         col = tl.program_id(1) * BC + tl.arange(0, BC)
         keep = (row < rows)[:, None] & (col < F)[None, :]
         ftype = tl.float64 if F64 else tl.float32
         at = row[:, None] * (2 * F) + col[None, :]
+        half = row[:, None] * F + col[None, :]
         a = tl.load(y + at, mask=keep, other=0.0).to(ftype)
         b = tl.load(y + at + F, mask=keep, other=0.0).to(ftype)
         if HAS_BIAS:
             a += tl.load(bias + col, mask=col < F, other=0.0).to(ftype)[None, :]
             b += tl.load(bias + F + col, mask=col < F, other=0.0).to(ftype)[None, :]
         sig = 1.0 / (1.0 + tl.exp(-a))
-        tl.store(out + row[:, None] * F + col[None, :], (a * sig * b).to(out.dtype.element_ty), mask=keep)
+        if BACKWARD:
+            grad = tl.load(g + half, mask=keep, other=0.0).to(ftype)
+            tl.store(out + at, (grad * sig * (1.0 + a * (1.0 - sig)) * b).to(out.dtype.element_ty), mask=keep)
+            tl.store(out + at + F, (grad * a * sig).to(out.dtype.element_ty), mask=keep)
+        else:
+            tl.store(out + half, (a * sig * b).to(out.dtype.element_ty), mask=keep)
 
-    @triton.jit
-    def swiglu_bwd_kernel(g, y, bias, dy, rows, F: tl.constexpr, HAS_BIAS: tl.constexpr, F64: tl.constexpr,
-                          BR: tl.constexpr, BC: tl.constexpr):
-        row = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-        col = tl.program_id(1) * BC + tl.arange(0, BC)
-        keep = (row < rows)[:, None] & (col < F)[None, :]
-        ftype = tl.float64 if F64 else tl.float32
-        at = row[:, None] * (2 * F) + col[None, :]
-        a = tl.load(y + at, mask=keep, other=0.0).to(ftype)
-        b = tl.load(y + at + F, mask=keep, other=0.0).to(ftype)
-        if HAS_BIAS:
-            a += tl.load(bias + col, mask=col < F, other=0.0).to(ftype)[None, :]
-            b += tl.load(bias + F + col, mask=col < F, other=0.0).to(ftype)[None, :]
-        grad = tl.load(g + row[:, None] * F + col[None, :], mask=keep, other=0.0).to(ftype)
-        sig = 1.0 / (1.0 + tl.exp(-a))
-        tl.store(dy + at, (grad * sig * (1.0 + a * (1.0 - sig)) * b).to(dy.dtype.element_ty), mask=keep)
-        tl.store(dy + at + F, (grad * a * sig).to(dy.dtype.element_ty), mask=keep)
-
-    _KERNELS = swiglu_fwd_kernel, swiglu_bwd_kernel
-    return _KERNELS
+    _KERNEL = swiglu_kernel
+    return _KERNEL

@@ -82,7 +82,7 @@ def start_profiler(run_dir: str):
 # torch.compile, the optimizer's multi-tensor kernels, data movement, the rest of ATen's elementwise work).
 KERNEL_CLASSES = (
     # attention/qkv_rope_backward.py, attention/window_attention.py, compat/swiglu.py
-    ("ours (Triton)", r"^(qkv_rope_grad_kernel|window_attention_(fwd|bwd)_kernel|swiglu_(fwd|bwd)_kernel)$"),
+    ("ours (Triton)", r"^(qkv_rope_grad_kernel|window_attention_kernel|swiglu_(fwd|bwd)_kernel)$"),
     ("attention", r"fmha|flash|sdpa|attention|_attn"),
     ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|matmul|wgmma"),
     ("optimizer", r"multi_tensor|adam"),

@@ -2,12 +2,12 @@
 an LM layer (GQA, packed samples) and a ViT block (multi-head, windows), fp32 on CPU (the kernel's eager form;
 CUDA compiles the same function)."""
 
-import importlib.util
 
 import pytest
 import torch
 
 from megatron_mmpl.parallel.spawn import run_distributed
+from tests.triton_kernels import triton_device
 
 pytestmark = pytest.mark.distributed
 
@@ -129,7 +129,6 @@ def test_written_out_backward_equals_autograds(has_bias):
     assert counters["stats"]["unique_graphs"] <= 2 * 2, dict(counters["stats"])  # forward + backward (each layout)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (ships with CUDA torch)")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_triton_backward_equals_the_written_out_function(dtype, monkeypatch):
     """The Triton kernel of QKVBiasRope's backward (the default on CUDA; run on CUDA when present, else in Triton's
@@ -138,24 +137,26 @@ def test_triton_backward_equals_the_written_out_function(dtype, monkeypatch):
     bf16 within one bf16 ulp of the fp64 result on the same bf16 inputs (2⁻⁷ of the largest value: the
     interpreter rounds bf16 by truncation)."""
     from megatron_mmpl.attention import qkv_rope_backward
+
+    with triton_device(monkeypatch, qkv_rope_backward) as dev:
+        for case in ((37, 2, 3, 2, 16, 12), (45, 1, 4, 1, 80, 80)):
+            _check_triton_backward(dev, dtype, *case)
+
+
+def _check_triton_backward(dev, dtype, s, b, groups, per_group, d, rot):
+    """One shape of the test above."""
+    from megatron_mmpl.attention import qkv_rope_backward
     from megatron_mmpl.attention.qkv_rope import _qkv_bias_rope_grad
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setattr(qkv_rope_backward, "_KERNEL", None)  # defined again under the interpreter
-    for s, b, groups, per_group, d, rot in ((37, 2, 3, 2, 16, 12), (45, 1, 4, 1, 80, 80)):
-        g = torch.Generator().manual_seed(s)
-        dq = torch.randn(b, groups * per_group, s, d, generator=g, dtype=torch.float64).permute(2, 0, 1, 3)
-        dk = torch.randn(s, b, groups, d, generator=g, dtype=torch.float64)
-        dv = torch.randn(b, groups, s, d, generator=g, dtype=torch.float64).permute(2, 0, 1, 3)
-        freqs = 3 * torch.randn(s, 1, 1, rot, generator=g, dtype=torch.float64)
-        cast = [t.to(dev, dtype) for t in (dq, dk, dv)] + [freqs.to(dev, torch.float64 if dtype == torch.float64
-                                                                       else torch.float32)]
-        want, _ = _qkv_bias_rope_grad(*(t.cpu().double() for t in cast), per_group, d, False)  # rounded inputs
-        got = qkv_rope_backward.qkv_rope_grad_triton(*cast, per_group, d)
-        assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
-        err = ((got.double().cpu() - want).abs().max() / want.abs().max()).item()
-        assert err <= (1e-12 if dtype == torch.float64 else 2**-7), (s, err)
-    if dev == "cpu":
-        qkv_rope_backward._KERNEL = None  # not the interpreted kernel for a later CUDA call
+    g = torch.Generator().manual_seed(s)
+    dq = torch.randn(b, groups * per_group, s, d, generator=g, dtype=torch.float64).permute(2, 0, 1, 3)
+    dk = torch.randn(s, b, groups, d, generator=g, dtype=torch.float64)
+    dv = torch.randn(b, groups, s, d, generator=g, dtype=torch.float64).permute(2, 0, 1, 3)
+    freqs = 3 * torch.randn(s, 1, 1, rot, generator=g, dtype=torch.float64)
+    cast = [t.to(dev, dtype) for t in (dq, dk, dv)] + [freqs.to(dev, torch.float64 if dtype == torch.float64
+                                                                   else torch.float32)]
+    want, _ = _qkv_bias_rope_grad(*(t.cpu().double() for t in cast), per_group, d, False)  # rounded inputs
+    got = qkv_rope_backward.qkv_rope_grad_triton(*cast, per_group, d)
+    assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
+    err = ((got.double().cpu() - want).abs().max() / want.abs().max()).item()
+    assert err <= (1e-12 if dtype == torch.float64 else 2**-7), (s, err)

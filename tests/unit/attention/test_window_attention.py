@@ -5,7 +5,6 @@ rounding), are (twice the larger error, plus a floor of half a bf16 ulp of the l
 `sdpa.sdpa_blocks` with a GroupPlan of windows: the same output and gradients as its SDPA path. Runs on CUDA when
 present, else in Triton's interpreter."""
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -15,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = [pytest.mark.unit,
-              pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                 reason="needs Triton (ships with CUDA torch)")]
+from tests.triton_kernels import require_triton, triton_device
+
+pytestmark = pytest.mark.unit
 
 # Triton's reductions (tl.max, tl.sum) are jit functions made when Triton is imported: the interpreter runs them
 # only if that import happened under TRITON_INTERPRET=1. Without CUDA, a process that imported Triton before
@@ -28,6 +27,7 @@ here_only = pytest.mark.skipif(not HERE, reason="run by test_in_a_fresh_interpre
 
 @pytest.mark.skipif(HERE, reason="the tests run in this process")
 def test_in_a_fresh_interpreter_process():
+    require_triton()
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
                          capture_output=True, text=True, timeout=600)
@@ -41,13 +41,8 @@ SIZES = [(3, 64), (2, 48), (1, 5)]  # full windows, edge windows, a sliver: rows
 def wa(monkeypatch):
     from megatron_mmpl.attention import window_attention
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setattr(window_attention, "_KERNELS", None)  # defined again under the interpreter
-    yield window_attention, dev
-    if dev == "cpu":
-        window_attention._KERNELS = None  # not the interpreted kernels for a later CUDA call
+    with triton_device(monkeypatch, window_attention) as dev:
+        yield window_attention, dev
 
 
 def _inputs(b, h, d, dtype, dev, seed=0):

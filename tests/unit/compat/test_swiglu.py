@@ -2,28 +2,21 @@
 gradient: against autograd of silu(gate + b_g)·(up + b_u) written out, fp64 to 1e-12, bf16 within one bf16 ulp of
 the fp64 result on the same bf16 inputs. Run on CUDA when present, else in Triton's interpreter."""
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = [pytest.mark.unit,
-              pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                 reason="needs Triton (ships with CUDA torch)")]
+from tests.triton_kernels import triton_device
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
 def kernels(monkeypatch):
     from megatron_mmpl.compat import swiglu
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setattr(swiglu, "_KERNELS", None)  # defined again under the interpreter
-    yield swiglu, dev
-    if dev == "cpu":
-        swiglu._KERNELS = None  # not the interpreted kernels for a later CUDA call
+    with triton_device(monkeypatch, swiglu) as dev:
+        yield swiglu, dev
 
 
 def _reference(y, bias, grad):

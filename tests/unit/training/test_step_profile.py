@@ -21,7 +21,7 @@ def test_kernel_names_fall_into_their_classes():
         "triton_poi_fused_add_cat_mul_neg_slice_0": "triton (compiled)",
         "qkv_rope_grad_kernel": "ours (Triton)",
         "swiglu_bwd_kernel": "ours (Triton)",
-        "window_attention_fwd_kernel": "ours (Triton)",
+        "window_attention_kernel": "ours (Triton)",
         "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>": "norm",
         "Memcpy HtoD (Pinned -> Device)": "copy / cat / gather",
         "void at::native::(anonymous namespace)::CatArrayBatchedCopy<OpaqueType<2u>>": "copy / cat / gather",
