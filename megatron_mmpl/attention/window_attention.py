@@ -20,6 +20,7 @@ tests/unit/attention/test_window_attention.py holds it to the written-out attent
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
@@ -96,8 +97,6 @@ def _table(sizes: tuple[tuple[int, int], ...], device: str) -> tuple[torch.Tenso
 
 @functools.cache
 def _have_triton() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("triton") is not None
 
 
