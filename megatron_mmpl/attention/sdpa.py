@@ -11,7 +11,6 @@ from torch.nn.attention.bias import causal_lower_right
 
 from megatron_mmpl.attention import window_attention as windows
 from megatron_mmpl.attention.segments import GroupPlan, permute_rows
-from megatron_mmpl.attention.window_attention import window_attention
 
 # On GPU SDPA takes GQA as is (enable_gqa: measured as fast as repeated heads, with less memory —
 # benchmarks/bench_attention.py, sdpa vs sdpa-gqa); MMPL_SDPA_EXPAND_KV=1 repeats K/V heads instead.
@@ -59,18 +58,16 @@ def sdpa_blocks(q, k, v, plan: GroupPlan, scale: float, dropout_p: float = 0.0) 
     if plan.perm is not None:  # self-attention: one reorder puts every group's rows back to back
         q, k, v = (permute_rows(t, plan.perm, plan.inverse) for t in (q, k, v))
     sizes = _tiling(plan, q.shape[0], k.shape[0])
-    tiles = None if sizes is None or any(g.causal for g in plan.groups) else [(g.n, g.q_len) for g in plan.groups]
-    if tiles is not None and windows.fits(q, k, tiles, dropout_p):
-        out = window_attention(q, k, v, tiles, scale)
-        if plan.perm is not None:
-            return permute_rows(out, plan.inverse, plan.perm)
-        return out if plan.inverse is None else out.index_select(0, plan.inverse)
-    sizes = sizes if len(plan.groups) > 1 else None
-    if sizes is not None:
+    if sizes is not None and not any(g.causal for g in plan.groups):
+        tiles = [(g.n, g.q_len) for g in plan.groups]
+        if windows.fits(q, k, tiles, dropout_p):
+            return _in_plan_order(windows.window_attention(q, k, v, tiles, scale), plan)
+    split = sizes is not None and len(plan.groups) > 1
+    if split:
         parts = zip(*(torch.split(t, sizes) for t in (q, k, v)))
     outs = []
     for g in plan.groups:
-        if sizes is not None:
+        if split:
             qs, ks, vs = (_batched(t, g.n, g.q_len) for t in next(parts))
         else:
             qs = _take(q, g.q_start, g.q_rows, g.n, g.q_len)
@@ -89,6 +86,11 @@ def sdpa_blocks(q, k, v, plan: GroupPlan, scale: float, dropout_p: float = 0.0) 
         )  # [n·b, nq, len, d]
         outs.append(out.view(g.n, b, nq, g.q_len, d).permute(0, 3, 1, 2, 4).reshape(g.n * g.q_len, b, nq, d))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # [sq, b, nq, d] in group order
+    return _in_plan_order(out, plan)
+
+
+def _in_plan_order(out: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+    """Rows of `out` (in group order) put back in the order of the rows the plan was made for."""
     if plan.perm is not None:
         return permute_rows(out, plan.inverse, plan.perm)
     return out if plan.inverse is None else out.index_select(0, plan.inverse)

@@ -1,14 +1,13 @@
-"""Megatron's fused (bias-)SwiGLU slot filled with two Triton kernels, forward and backward (CUDA only).
+"""Megatron's fused (bias-)SwiGLU slot filled with a Triton kernel, forward and backward (CUDA only).
 
 megatron-core 0.16.1 `MLP.forward` (transformer/mlp.py) calls the module global `bias_swiglu_impl(input, bias,
 fp8_input_store, cpu_offload_input)` when `config.bias_activation_fusion` is set and the activation is a gated SiLU:
-both towers of Qwen2.5-VL (the ViT's MLP with biases, the LM's without). Its kernels are torch.compile'd
-elementwise functions whose index math runs per element over the concatenated [gate | up] row: in the ViT tower
-at 128,960 patches the forward took 0.86 ms and the backward 2.23 ms a block (bench_vit_tower.py --profile, H100,
-2026-12-07), against ~0.4 / ~0.7 ms to read and write the same bytes once. These kernels tile [rows, F] with the
-gate and up halves read side by side, keep megatron's arithmetic (bias added, silu(a)·b, d/da of silu(a)·b) in fp32
-and round once, like inductor's. Bit-level: equal to megatron's functions in fp64 to 1e-12, bf16 within one ulp
-(tests/unit/models/test_swiglu_kernel.py).
+both towers of Qwen2.5-VL (the ViT's MLP with biases, the LM's without). Megatron's are torch.compile'd elementwise
+functions; in the ViT tower at 128,960 patches their backward took 2.23 ms a block, this kernel's 1.52 ms (the
+forwards are at parity, 0.86 / 0.90 ms: bench_vit_tower.py --profile and benchmarks/bench_swiglu.py, H100,
+2026-12-07). The kernel tiles [rows, F] with the gate and up halves read side by side, keeps megatron's arithmetic
+(bias added, silu(a)·b, d/da of silu(a)·b) in fp32 and rounds once, like inductor's: equal to autograd of the
+written-out function in fp64 to 1e-12, bf16 within one ulp (tests/unit/compat/test_swiglu.py).
 
 `install()` swaps the name in mlp.py; MMPL_SWIGLU=compiled keeps megatron's compiled kernels. FP8 input storage
 and activation offloading fall through to megatron's implementation. Written for megatron-core 0.16.1 (the

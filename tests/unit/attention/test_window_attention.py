@@ -150,7 +150,7 @@ def test_sdpa_blocks_runs_windows_here_and_agrees(wa, monkeypatch):
     q, k, v, dout = _inputs(1, 2, 16, dtype, dev)
     calls = []
     real = window_attention.window_attention
-    monkeypatch.setattr(sdpa, "window_attention", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(window_attention, "window_attention", lambda *a: calls.append(a[3]) or real(*a))
     results = {}
     for kernel in ("triton", "sdpa"):
         monkeypatch.setattr(window_attention, "KERNEL", kernel)
