@@ -99,7 +99,9 @@ def run_ours(args, seq: int) -> dict:
                lm_tflops=mean["tflops_per_gpu"], vit_tflops=mean["vit_tflops_per_gpu"],
                mfu=(mean.get("mfu") or 0) + (mean.get("vit_mfu") or 0), peak_gib=max(r["max_mem_gib"] for r in rows),
                planned_gib=planned.peak.total / 2**30 if planned else None,
-               recompute=planned.recompute if planned else cfg.model.recompute, data_wait=mean["data_wait"],
+               recompute=planned.recompute if planned else cfg.model.recompute,
+               vit_recompute=getattr(planned, "vit_recompute", cfg.model.vit_recompute),
+               data_wait=mean["data_wait"],
                phases={k[:-2]: mean[k] for k in mean if k.endswith("_s") and k != "tokens_per_s"},
                device=torch.cuda.get_device_name())
     prof = os.path.join(run_dir, "profile", "kernels.txt")
@@ -248,10 +250,10 @@ def main(argv=None) -> None:
 
 def table(results: list[dict]) -> str:
     lines = ["| seq | impl | tokens/s | LM TFLOP/s | ViT TFLOP/s | MFU (LM+ViT) | peak GiB | planned GiB | data wait "
-             "| vs peer |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| recompute LM / ViT | vs peer |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['seq']} | {r['impl']} | {r['error']} | | | | | | | |")
+            lines.append(f"| {r['seq']} | {r['impl']} | {r['error']} | | | | | | | | |")
             continue
         peer = next((x for x in results if x["seq"] == r["seq"] and x.get("impl") == "transformers"
                      and "error" not in x), None)
@@ -260,8 +262,9 @@ def table(results: list[dict]) -> str:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "—"
         planned = f"{r['planned_gib']:.1f}" if r.get("planned_gib") else "—"
         wait = f"{r['data_wait']:.1%}" if "data_wait" in r else "—"
+        recompute = f"{r['recompute']} / {r['vit_recompute']}" if "vit_recompute" in r else "—"
         lines.append(f"| {r['seq']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {lm:.0f} | {vit:.0f} | {mfu} | "
-                     f"{r['peak_gib']:.1f} | {planned} | {wait} | {ratio} |")
+                     f"{r['peak_gib']:.1f} | {planned} | {wait} | {recompute} | {ratio} |")
     return "\n".join(lines)
 
 

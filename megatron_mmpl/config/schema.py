@@ -48,7 +48,12 @@ class ModelConfig:
     keeps its input; the faster one, docs/PERFORMANCE.md) | chunked (the whole ViT rerun in the backward,
     `vit_chunk_patches` patches of whole images at a time: nothing kept between forward and backward, which leaves
     the memory to the LM) | none. With model.recompute=auto and vit_recompute=full, the planner also weighs
-    chunked (plan/memory.py `recompute_settings`) and takes it when that is the cheaper setting that fits."""
+    chunked and fewer recomputed blocks (`vit_recompute_blocks`; plan/memory.py `recompute_settings`) and takes
+    the cheapest setting that fits."""
+    vit_recompute_blocks: int | None = None
+    """With vit_recompute=full: how many ViT blocks are recomputed — the first k (megatron's block method); the
+    others keep their activations, so their forward is not rerun. null: every block. With model.recompute=auto
+    and this left null, the planner picks the fewest that fit."""
     vit_chunk_patches: int = 32768
     """With vit_recompute=chunked: patches of whole images per chunk (an image larger than this is a chunk of its
     own)."""

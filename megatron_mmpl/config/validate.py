@@ -87,6 +87,9 @@ def validate_config(cfg: Config) -> None:
     if prof is not None and (len(prof) != 2 or not 1 <= prof[0] <= prof[1]):
         raise ConfigError(f"logging.profile_steps={prof} must be [first, last] with 1 <= first <= last")
     m = cfg.model
+    if m.vit_recompute_blocks is not None and (m.vit_recompute != "full" or m.vit_recompute_blocks < 0):
+        raise ConfigError(f"model.vit_recompute_blocks={m.vit_recompute_blocks} needs model.vit_recompute=full and "
+                          "a count >= 0 (null: every block)")
     if m.freeze_vision and m.freeze_merger and m.freeze_llm:
         raise ConfigError("model.freeze_vision, freeze_merger and freeze_llm are all true: nothing to train")
     if p.sequence_parallel and p.tp == 1:
@@ -140,6 +143,10 @@ def validate_layout(cfg: Config, world_size: int, spec: ModelSpec | None = None)
         if n % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide {what}={n} of model {name!r}; "
                               f"use a tp that divides {n}")
+    blocks = cfg.model.vit_recompute_blocks
+    if blocks is not None and blocks > spec.vision.depth:
+        raise ConfigError(f"model.vit_recompute_blocks={blocks} is above the {spec.vision.depth} ViT blocks of "
+                          f"{name!r}; use at most {spec.vision.depth} (or null: every block)")
     layers = spec.layers
     if p.pp > 1:
         first = p.first_stage_layers

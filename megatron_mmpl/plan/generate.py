@@ -69,7 +69,7 @@ def with_layout(raw: dict, cfg, model_settings: dict) -> dict:
     raw["parallel"].update(tp=p.tp, pp=p.pp, cp=p.cp, sequence_parallel=p.sequence_parallel)
     if p.first_stage_layers is not None:
         raw["parallel"]["first_stage_layers"] = p.first_stage_layers
-    raw["model"].update(model_settings)
+    raw["model"].update({k: v for k, v in model_settings.items() if v is not None})  # null: the schema's default
     if m.freeze_vision:
         raw["model"]["freeze_vision"] = True
     raw["data"]["global_batch_size"] = cfg.data.global_batch_size
@@ -113,7 +113,10 @@ def search(model: str, seq: int, nodes: int, gpu: str, name: str):
                 base,
                 parallel=replace(base.parallel, tp=tp, cp=cp, pp=pp, first_stage_layers=first,
                                  sequence_parallel=tp > 1),
-                model=replace(base.model, recompute=recompute, recompute_num_layers=1, freeze_vision=freeze_vision),
+                # the ViT recomputed whole (every block, or chunked): a partial count of blocks (auto's choice in
+                # `mmpl train`) fills the memory to the planner's budget and leaves no HEADROOM
+                model=replace(base.model, recompute=recompute, recompute_num_layers=1, freeze_vision=freeze_vision,
+                              vit_recompute_blocks=shape.vision.depth),
                 data=replace(base.data, global_batch_size=max(target_rows, dp)),
             )
             try:
@@ -122,7 +125,10 @@ def search(model: str, seq: int, nodes: int, gpu: str, name: str):
                 reason = reason if closest else str(e)
                 continue
             if plan.fits and plan.peak.total <= HEADROOM * hw.budget_bytes:
-                return with_layout(raw, cfg, plan.model_settings), plan
+                settings = dict(plan.model_settings)
+                if settings["vit_recompute_blocks"] == shape.vision.depth:
+                    settings["vit_recompute_blocks"] = None  # every block: the schema's default, not written
+                return with_layout(raw, cfg, settings), plan
             if not plan.fits and (closest is None or plan.peak.total < closest.peak.total):
                 closest, reason = plan, (f"tp{tp} pp{pp} cp{cp} recompute={recompute} freeze_vision="
                                          f"{str(freeze_vision).lower()} {plan.refusal}")

@@ -11,9 +11,8 @@ logits, which exist for one chunk of `LanguageModel.loss_chunk_tokens` positions
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megatron_mmpl.config.hf_config import resolve_hf_dict
 from megatron_mmpl.config.load import ConfigError
@@ -205,6 +204,7 @@ class Plan:
     cp: int
     dp: int
     recompute: str
+    vit_recompute: str
     seq_len: int
     micro_batch: int
     global_batch: int
@@ -302,33 +302,93 @@ def vit_forward_flops_per_token(m: ModelSpec) -> float:
     return 2 * per_patch * IMAGE_TOKEN_FRACTION * v.spatial_merge_size**2
 
 
+def vit_candidates(cfg: Config, m: ModelSpec) -> list[dict]:
+    """ViT recompute settings auto weighs: the configured one; when that is full with vit_recompute_blocks left
+    null, also every count of recomputed blocks (0 = none) and the chunked ViT."""
+    mc = cfg.model
+    if mc.vit_recompute != "full":
+        return [dict(vit_recompute=mc.vit_recompute, vit_recompute_blocks=None)]
+    chunked = dict(vit_recompute="chunked", vit_recompute_blocks=None)
+    if mc.vit_recompute_blocks is not None:
+        return [dict(vit_recompute="full", vit_recompute_blocks=mc.vit_recompute_blocks), chunked]
+    depth = m.vision.depth
+    return ([dict(vit_recompute="none", vit_recompute_blocks=None)]
+            + [dict(vit_recompute="full", vit_recompute_blocks=k) for k in range(1, depth)]
+            + [dict(vit_recompute="full", vit_recompute_blocks=None), chunked])
+
+
+def vit_rebuilt_flops(setting: dict, m: ModelSpec) -> float:
+    """ViT forward FLOPs per LM token that a ViT recompute setting reruns in the backward: the recomputed blocks'
+    share of one forward; the chunked ViT one forward and VIT_CHUNKED_EXTRA more."""
+    forward = vit_forward_flops_per_token(m)
+    if setting["vit_recompute"] == "chunked":
+        return (1 + VIT_CHUNKED_EXTRA) * forward
+    if setting["vit_recompute"] == "none":
+        return 0.0
+    return forward * vit_recomputed_blocks(setting.get("vit_recompute_blocks"), m) / m.vision.depth
+
+
+def vit_recomputed_blocks(blocks: int | None, m: ModelSpec) -> int:
+    """ViT blocks megatron recomputes under vit_recompute=full (null: every block)."""
+    return m.vision.depth if blocks is None else min(blocks, m.vision.depth)
+
+
 def recompute_settings(cfg: Config, m: ModelSpec) -> list[dict]:
     """(LM recompute, ViT recompute) settings for model.recompute=auto, cheapest first by the forward FLOPs each
-    rebuilds per token of a row of data.max_seq_len (`rebuilt_flops`; stable for equal costs): the LM candidates
-    (`recompute_candidates`) with the configured ViT mode and, when that is full, the chunked ViT too (leaner,
-    slower by VIT_CHUNKED_EXTRA ViT forwards)."""
-    vit_modes = [cfg.model.vit_recompute] + (["chunked"] if cfg.model.vit_recompute == "full" else [])
+    rebuilds per token of a row of data.max_seq_len (`rebuilt_flops` + `vit_rebuilt_flops`; stable for equal
+    costs): every pair of the LM candidates (`recompute_candidates`) and the ViT candidates (`vit_candidates`)."""
     layers = stage_layers(cfg, m)
-    extra = VIT_CHUNKED_EXTRA * vit_forward_flops_per_token(m)
-    out = [(rebuilt_flops(c, m, cfg.data.max_seq_len, layers) + (extra if vit == "chunked" else 0.0), i,
-            {**c, "vit_recompute": vit})
-           for i, (vit, c) in enumerate((vit, c) for vit in vit_modes for c in recompute_candidates(cfg, m))]
+    pairs = [(vit, c) for vit in vit_candidates(cfg, m) for c in recompute_candidates(cfg, m)]
+    out = [(rebuilt_flops(c, m, cfg.data.max_seq_len, layers) + vit_rebuilt_flops(vit, m), i, {**c, **vit})
+           for i, (vit, c) in enumerate(pairs)]
     return [c for _, _, c in sorted(out, key=lambda t: t[:2])]
 
 
 def choose_recompute(cfg: Config, hw: Hardware, m: ModelSpec) -> tuple[Config, str]:
-    """For model.recompute=auto: the config with the cheapest recompute setting (`recompute_settings`) whose
-    plan fits (else the leanest), and a line saying what was chosen."""
-    chosen = None
-    for setting in recompute_settings(cfg, m):
-        trial = copy.deepcopy(cfg)
-        for k, v in setting.items():
-            setattr(trial.model, k, v)
-        chosen = trial
-        if plan_config(trial, hw, shape=m).fits:
-            return chosen, f"model.recompute=auto chose {recompute_label(chosen)}, ViT {trial.model.vit_recompute}"
+    """For model.recompute=auto: the config with the cheapest recompute setting (`recompute_settings`, same costs
+    and tie order) whose plan fits (else the leanest), and a line saying what was chosen.
+
+    Not every pair is planned. With the ViT's recomputed blocks left to auto, memory falls as blocks are added:
+    from one on each replaces a block's activations by its input, and none keeps more than every block
+    recomputed does. So for each LM setting: if recomputing every block does not fit, no count does; else the
+    fewest that fit is found by bisection (the cheapest of them), and none is planned on its own."""
+    def trial(setting: dict) -> Config:
+        return replace(cfg, model=replace(cfg.model, **setting))
+
+    def fits(setting: dict) -> bool:
+        return plan_config(trial(setting), hw, shape=m).fits
+
+    lm_settings, vit_settings = recompute_candidates(cfg, m), vit_candidates(cfg, m)
+    layers, depth = stage_layers(cfg, m), m.vision.depth
+    auto_blocks = cfg.model.vit_recompute == "full" and cfg.model.vit_recompute_blocks is None
+    best = None
+    for ci, lm in enumerate(lm_settings):
+        fitting = []
+        if auto_blocks:  # vit_settings: none, full on 1 .. depth-1 blocks, full on every block (None), chunked
+            if fits({**lm, "vit_recompute": "full", "vit_recompute_blocks": None}):
+                lo, hi = 1, depth
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if fits({**lm, "vit_recompute": "full", "vit_recompute_blocks": mid}) else (
+                        mid + 1, hi)
+                fitting.append(lo)
+                if fits({**lm, **vit_settings[0]}):
+                    fitting.append(0)
+            fitting += [len(vit_settings) - 1] if fits({**lm, **vit_settings[-1]}) else []
+        else:
+            fitting = [vi for vi, vit in enumerate(vit_settings) if fits({**lm, **vit})]
+        for vi in fitting:  # an index of vit_settings (for counts of blocks: k is at index k, every block at depth)
+            setting = {**lm, **vit_settings[vi]}
+            key = (rebuilt_flops(lm, m, cfg.data.max_seq_len, layers) + vit_rebuilt_flops(setting, m),
+                   vi * len(lm_settings) + ci)
+            if best is None or key < best[0]:
+                best = (key, setting)
+    if best is not None:
+        chosen = trial(best[1])
+        return chosen, f"model.recompute=auto chose {recompute_label(chosen)}, ViT {vit_recompute_label(chosen, m)}"
+    chosen = trial(recompute_settings(cfg, m)[-1])
     return chosen, (f"model.recompute=auto: nothing fits; planned the leanest, {recompute_label(chosen)}, "
-                    f"ViT {chosen.model.vit_recompute}")
+                    f"ViT {vit_recompute_label(chosen, m)}")
 
 
 def recompute_label(cfg: Config) -> str:
@@ -340,6 +400,14 @@ def recompute_label(cfg: Config) -> str:
     if mc.recompute_method == "block":
         return f"full (block: {mc.recompute_num_layers} layer(s) per stage)"
     return f"full (uniform, {mc.recompute_num_layers} layer(s) per chunk)"
+
+
+def vit_recompute_label(cfg: Config, m: ModelSpec) -> str:
+    mc = cfg.model
+    if mc.vit_recompute != "full":
+        return mc.vit_recompute
+    k = vit_recomputed_blocks(mc.vit_recompute_blocks, m)
+    return "full" if k == m.vision.depth else f"full on {k} of {m.vision.depth} blocks"
 
 
 def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelSpec | None = None) -> Plan:
@@ -428,9 +496,14 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelSpec | No
                 vit_kept = 0.0
                 vit_work = min(mc.vit_chunk_patches, patches_local) * (m.vision.depth * v_none
                                                                       + merger_activation_bytes(m, tp, elem))
-            elif vit_trains and mc.vit_recompute == "full":  # megatron's per-block recompute: block inputs kept
-                vit_kept = m.vision.depth * vit_block_activation_bytes(m, tp, "full", elem) * patches_local
-                vit_work = 2 * v_none * patches_local  # one block rebuilt + its gradient temporaries
+            elif vit_trains and mc.vit_recompute == "full":
+                # megatron's per-block recompute: the first k blocks keep their inputs, the others everything
+                k = vit_recomputed_blocks(mc.vit_recompute_blocks, m)
+                full_att = set(m.vision.fullatt_block_indexes)
+                vit_kept = patches_local * (k * vit_block_activation_bytes(m, tp, "full", elem) + sum(
+                    vit_block_activation_bytes(m, tp, "none", elem, windowed=i not in full_att)
+                    for i in range(k, m.vision.depth)))
+                vit_work = (2 if k else 1) * v_none * patches_local  # a block rebuilt + its gradient temporaries
             elif vit_trains:
                 vit_kept = m.vision.depth * v_none * patches_local
                 vit_work = v_none * patches_local
@@ -449,13 +522,15 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelSpec | No
 
     steps = train_steps(cfg)
     plan = Plan(
-        name=name, hardware=hw, tp=tp, pp=pp, cp=cp, dp=dp, recompute=recompute_label(cfg), seq_len=d.max_seq_len,
+        name=name, hardware=hw, tp=tp, pp=pp, cp=cp, dp=dp, recompute=recompute_label(cfg),
+        vit_recompute=vit_recompute_label(cfg, m), seq_len=d.max_seq_len,
         micro_batch=rows, global_batch=d.global_batch_size, micro_batches_per_step=micro_batches,
         params=total_params(m), stages=stages, tokens_per_step=d.global_batch_size * d.max_seq_len,
         train_steps=steps, warmup_steps=warmup_steps(cfg), train_tokens=cfg.schedule.train_tokens,
     )
     plan.model_settings = {k: getattr(mc, k) for k in ("recompute", "recompute_method", "recompute_num_layers",
-                                                       "recompute_modules", "vit_recompute")}
+                                                       "recompute_modules", "vit_recompute",
+                                                       "vit_recompute_blocks")}
     if pp > 1 and micro_batches < pp:
         plan.notes.append(f"{micro_batches} micro-batches per step for {pp} pipeline stages: most of each step is "
                           f"pipeline bubble; raise data.global_batch_size to >= {pp * rows * dp}")
@@ -488,7 +563,7 @@ def format_plan(plan: Plan) -> str:
         f"plan {plan.name}: {hw.nodes} node(s) x {hw.gpus_per_node} GPU(s) of {hw.gpu_mem_gib:g} GiB "
         f"(usable {hw.budget_bytes / GiB:.1f} GiB)",
         f"  model {_count(plan.params)} params; layout tp={plan.tp} pp={plan.pp} cp={plan.cp} dp={plan.dp}, "
-        f"recompute={plan.recompute}",
+        f"recompute={plan.recompute}, ViT recompute={plan.vit_recompute}",
         f"  batch: {plan.global_batch} rows x {plan.seq_len} tokens = {plan.tokens_per_step:,} tokens/step; "
         f"micro-batch {plan.micro_batch} row(s), {plan.micro_batches_per_step} micro-batches per step per DP rank",
     ]

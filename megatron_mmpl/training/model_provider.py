@@ -27,8 +27,10 @@ def transformer_overrides(cfg: Config) -> tuple[dict, dict, dict]:
         lm.update(recompute_granularity="full", recompute_method=m.recompute_method,
                   recompute_num_layers=m.recompute_num_layers)
     vit = {}
-    if m.vit_recompute == "full":
+    if m.vit_recompute == "full" and m.vit_recompute_blocks is None:
         vit.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif m.vit_recompute == "full" and m.vit_recompute_blocks > 0:  # the first k blocks; 0 recomputes none
+        vit.update(recompute_granularity="full", recompute_method="block", recompute_num_layers=m.vit_recompute_blocks)
     return common, lm, vit
 
 

@@ -143,7 +143,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     if memory_plan is not None:
         log.print(f"[mmpl train] memory plan: {memory_plan.peak.total / 2**30:.1f} GiB per GPU at peak (stage "
                   f"{memory_plan.peak.stage}) of {memory_plan.hardware.budget_bytes / 2**30:.1f} usable; LM "
-                  f"recompute {memory_plan.recompute}, ViT recompute {cfg.model.vit_recompute}")
+                  f"recompute {memory_plan.recompute}, ViT recompute {memory_plan.vit_recompute}")
     if stale:
         log.print(f"[mmpl train] removed what interrupted saves left in {cfg.checkpoint_dir}: {', '.join(stale)}")
     memory_step = state.step + 2  # the optimizer's state exists from the first step on: its peak shows in the second

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from megatron_mmpl.cli import main as mmpl
-from megatron_mmpl.config.load import load_config
+from megatron_mmpl.config.load import ConfigError, load_config
 from megatron_mmpl.models.qwen25vl.spec import ModelSpec
 from megatron_mmpl.plan.command import PRESET_DIR, plan_preset, preset_names, read_hardware
 from megatron_mmpl.plan.memory import (
@@ -192,32 +192,70 @@ def test_planner_loss_chunk_matches_the_model():
 
 def test_auto_recompute_picks_the_least_that_fits():
     """model.recompute=auto: no recompute when memory is ample; when tight, the setting that rebuilds the fewest
-    forward FLOPs and fits — the MLP of every layer (selective) with the per-block ViT at 32K, 35 of the 36 layers
-    (block) and the chunked ViT at 128K; every cheaper setting does not fit."""
-    from megatron_mmpl.plan.memory import choose_recompute, recompute_label, recompute_settings
+    forward FLOPs and fits — at 8K no LM recompute and the ViT's first blocks only, the MLP of every layer
+    (selective) with the per-block ViT at 32K, every layer and the chunked ViT at 128K; every cheaper setting
+    (all of them planned, as choose_recompute does not) does not fit."""
+    from dataclasses import replace
+
+    from megatron_mmpl.plan.memory import choose_recompute, recompute_label, recompute_settings, vit_recompute_label
 
     m = ModelSpec.of("qwen25vl-3b")
     one = ["parallel.tp=1", "parallel.cp=1", "parallel.sequence_parallel=false", "data.global_batch_size=1",
            "model.hf_config=qwen25vl-3b"]
     seen = {}
-    for seq, mem in ((4096, 140), (32768, 140), (131072, 140)):
+    for seq, mem in ((4096, 140), (8192, 140), (32768, 140), (131072, 140)):
         cfg = _cfg(*one, f"data.max_seq_len={seq}", f"data.max_len={seq}", f"data.min_len={seq // 4}",
                    "model.recompute=auto")
         hw = Hardware(1, 1, mem)
         plan = plan_config(cfg, hw)
         chosen, line = choose_recompute(cfg, hw, m)
         assert plan.fits and plan.model_settings["recompute"] == chosen.model.recompute and "auto chose" in line
-        seen[seq] = (recompute_label(chosen), chosen.model.vit_recompute)
+        seen[seq] = (recompute_label(chosen), vit_recompute_label(chosen, m))
         settings = recompute_settings(cfg, m)
-        assert settings[0] == {"recompute": "none", "vit_recompute": "full"}
+        assert settings[0] == {"recompute": "none", "vit_recompute": "none", "vit_recompute_blocks": None}
         pick = next(i for i, c in enumerate(settings) if all(getattr(chosen.model, k) == v for k, v in c.items()))
         for cheaper in settings[:pick]:
-            trial = _cfg(*one, f"data.max_seq_len={seq}", f"data.max_len={seq}", f"data.min_len={seq // 4}",
-                         *(f"model.{k}={v}" for k, v in cheaper.items()))
-            assert not plan_config(trial, hw).fits, cheaper
-    assert seen[4096][0] == "none"
+            assert not plan_config(replace(cfg, model=replace(cfg.model, **cheaper)), hw).fits, cheaper
+    assert seen[4096] == ("none", "none")
+    assert seen[8192] == ("none", "full on 13 of 32 blocks")
     assert seen[32768] == ("selective (mlp)", "full")  # measured the fastest on an H200 (docs/PERFORMANCE.md)
     assert seen[131072] == ("full (uniform, 1 layer(s) per chunk)", "chunked")
+
+
+def test_vit_recompute_blocks_plans_each_block():
+    """model.vit_recompute_blocks=k (megatron's block method on the ViT): the first k blocks keep their input, the
+    others all their activations, block by block as vit_block_activation_bytes counts them (window or full
+    attention); 0 plans as no ViT recompute, every block as the default; memory falls with each block from one on.
+    Counts the ViT cannot take are refused with the field and the fix."""
+    from megatron_mmpl.plan.memory import IMAGE_TOKEN_FRACTION, vit_block_activation_bytes
+
+    m = ModelSpec.of("qwen25vl-3b")
+    one = ["model.hf_config=qwen25vl-3b", "parallel.tp=1", "parallel.cp=1", "parallel.sequence_parallel=false",
+           "data.global_batch_size=1", "model.recompute=full", "data.max_seq_len=8192", "data.max_len=8192",
+           "data.min_len=2048"]
+    hw = Hardware(1, 1, 140)
+
+    def vit_terms(*extra):
+        return plan_config(_cfg(*one, *extra), hw).peak.terms
+
+    patches = 8192 * IMAGE_TOKEN_FRACTION * m.vision.spatial_merge_size**2
+    merger = vit_terms("model.vit_recompute=full")["vit_activations"] - patches * m.vision.depth * (
+        vit_block_activation_bytes(m, 1, "full"))
+    kept = [vit_terms("model.vit_recompute=full", f"model.vit_recompute_blocks={k}")["vit_activations"] - merger
+            for k in range(m.vision.depth + 1)]
+    assert kept[0] == pytest.approx(vit_terms("model.vit_recompute=none")["vit_activations"] - merger)
+    assert kept[-1] == pytest.approx(patches * m.vision.depth * vit_block_activation_bytes(m, 1, "full"))
+    for k in range(m.vision.depth):
+        block = vit_block_activation_bytes(m, 1, "none", windowed=k not in m.vision.fullatt_block_indexes)
+        assert kept[k] - kept[k + 1] == pytest.approx(patches * (block - vit_block_activation_bytes(m, 1, "full")))
+    totals = [plan_config(_cfg(*one, f"model.vit_recompute_blocks={k}"), hw).peak.total for k in range(1, 33)]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)
+
+    for bad, line in (("model.vit_recompute_blocks=-1", "model.vit_recompute_blocks=-1 needs"),
+                      ("model.vit_recompute_blocks=33", "model.vit_recompute_blocks=33 is above the 32 ViT blocks"),
+                      ("model.vit_recompute=chunked", "needs model.vit_recompute=full")):
+        with pytest.raises((PlanError, ConfigError), match=line):
+            plan_config(_cfg(*one, "model.vit_recompute_blocks=4", bad), hw)
 
 
 def test_every_row_length_the_planner_accepts_the_loader_and_cp_split_accept():
