@@ -364,20 +364,19 @@ def choose_recompute(cfg: Config, hw: Hardware, m: ModelSpec) -> tuple[Config, s
     best = None
     for ci, lm in enumerate(lm_settings):
         fitting = []
-        if auto_blocks:  # vit_settings: none, full on 1 .. depth-1 blocks, full on every block (None), chunked
-            if fits({**lm, "vit_recompute": "full", "vit_recompute_blocks": None}):
+        if auto_blocks:  # vit_settings[k]: k ViT blocks recomputed (0 = none, depth = every block), then chunked
+            if fits({**lm, **vit_settings[depth]}):
                 lo, hi = 1, depth
                 while lo < hi:
                     mid = (lo + hi) // 2
-                    lo, hi = (lo, mid) if fits({**lm, "vit_recompute": "full", "vit_recompute_blocks": mid}) else (
-                        mid + 1, hi)
+                    lo, hi = (lo, mid) if fits({**lm, **vit_settings[mid]}) else (mid + 1, hi)
                 fitting.append(lo)
                 if fits({**lm, **vit_settings[0]}):
                     fitting.append(0)
             fitting += [len(vit_settings) - 1] if fits({**lm, **vit_settings[-1]}) else []
         else:
             fitting = [vi for vi, vit in enumerate(vit_settings) if fits({**lm, **vit})]
-        for vi in fitting:  # an index of vit_settings (for counts of blocks: k is at index k, every block at depth)
+        for vi in fitting:
             setting = {**lm, **vit_settings[vi]}
             key = (rebuilt_flops(lm, m, cfg.data.max_seq_len, layers) + vit_rebuilt_flops(setting, m),
                    vi * len(lm_settings) + ci)
@@ -499,10 +498,12 @@ def plan_config(cfg: Config, hw: Hardware, name: str = "", shape: ModelSpec | No
             elif vit_trains and mc.vit_recompute == "full":
                 # megatron's per-block recompute: the first k blocks keep their inputs, the others everything
                 k = vit_recomputed_blocks(mc.vit_recompute_blocks, m)
-                full_att = set(m.vision.fullatt_block_indexes)
-                vit_kept = patches_local * (k * vit_block_activation_bytes(m, tp, "full", elem) + sum(
-                    vit_block_activation_bytes(m, tp, "none", elem, windowed=i not in full_att)
-                    for i in range(k, m.vision.depth)))
+                kept_full_att = sum(k <= i < m.vision.depth for i in set(m.vision.fullatt_block_indexes))
+                vit_kept = patches_local * (
+                    k * vit_block_activation_bytes(m, tp, "full", elem)
+                    + kept_full_att * vit_block_activation_bytes(m, tp, "none", elem, windowed=False)
+                    + (m.vision.depth - k - kept_full_att) * vit_block_activation_bytes(m, tp, "none", elem,
+                                                                                         windowed=True))
                 vit_work = (2 if k else 1) * v_none * patches_local  # a block rebuilt + its gradient temporaries
             elif vit_trains:
                 vit_kept = m.vision.depth * v_none * patches_local
