@@ -4,8 +4,9 @@ Ours: `mmpl train`'s `train()` — loader with workers over rendered-page shards
 tokens, megatron DDP + distributed optimizer with fp32 master weights. Peer, on the same samples of the same
 shard: transformers' Qwen2_5_VLForConditionalGeneration (sdpa, gradient checkpointing, fused AdamW, bf16).
 Each (implementation, length) runs in a fresh process. Prints tokens/s, LM and ViT TFLOP/s, combined MFU (model
-FLOPs counted once by training/flops.py, recompute not counted, the same count for both), peak memory beside
-the planner's figure, data wait, ours/peer.
+FLOPs counted once by training/flops.py, recompute not counted, the same count for both), HFU (the same plus the
+forward work each side's recompute reruns: ours per the trainer's settings, the peer's gradient checkpointing
+every layer and block), peak memory beside the planner's figure, data wait, ours/peer.
 
     python benchmarks/bench_e2e.py --seqs 8192 32768                         # 3B, both sides
     python benchmarks/bench_e2e.py --seqs 131072 --layers 12 --no-peer       # 3B widths, 12 LM layers, full ViT
@@ -97,7 +98,8 @@ def run_ours(args, seq: int) -> dict:
     planned = plan_this_run(train_config(args, seq, run_dir), _spec(cfg), 1)
     out = dict(impl="megatron_mmpl", seq=seq, tokens_per_s=mean["tokens_per_s"],
                lm_tflops=mean["tflops_per_gpu"], vit_tflops=mean["vit_tflops_per_gpu"],
-               mfu=(mean.get("mfu") or 0) + (mean.get("vit_mfu") or 0), peak_gib=max(r["max_mem_gib"] for r in rows),
+               mfu=(mean.get("mfu") or 0) + (mean.get("vit_mfu") or 0), hfu=mean.get("hfu"),
+               peak_gib=max(r["max_mem_gib"] for r in rows),
                planned_gib=planned.peak.total / 2**30 if planned else None,
                recompute=planned.recompute if planned else cfg.model.recompute,
                vit_recompute=getattr(planned, "vit_recompute", cfg.model.vit_recompute),
@@ -131,7 +133,7 @@ def run_peer(args, seq: int) -> dict:
     from megatron_mmpl.data.loader import build_train_loader
     from megatron_mmpl.data.tokenizer import load_tokenizer
     from megatron_mmpl.models.qwen25vl.spec import ModelSpec
-    from megatron_mmpl.training.flops import FlopModel, peak_tflops
+    from megatron_mmpl.training.flops import FlopModel, Training, peak_tflops
 
     cfg = train_config(args, seq, tempfile.mkdtemp())
     cfg.data.num_workers = 0
@@ -146,8 +148,10 @@ def run_peer(args, seq: int) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     loader = iter(build_train_loader(cfg.data, load_tokenizer("qwen2"), dp_rank=0, dp_size=1, hf_config=hf))
-    fm = FlopModel(ModelSpec.from_hf(hf))
-    lm_flops = vit_flops = tokens = 0.0
+    spec = ModelSpec.from_hf(hf)
+    # gradient checkpointing reruns every decoder layer and every ViT block (both are GradientCheckpointingLayers)
+    fm = FlopModel(spec, Training(lm_layers_rebuilt=spec.layers, vit_blocks_rebuilt=spec.vision.depth))
+    lm_flops = vit_flops = rebuilt = tokens = 0.0
     torch.cuda.reset_peak_memory_stats()
     t_start = None
     warmup, steps = args.peer_warmup, args.peer_steps
@@ -163,6 +167,7 @@ def run_peer(args, seq: int) -> dict:
             tokens += sum(segs)
             lm_flops += fm.lm_flops(segs, head_tokens=int((b["labels"] >= 0).sum()))
             vit_flops += fm.vit_flops(b["image_grid_thw"].tolist())
+            rebuilt += fm.rebuilt_flops(segs, b["image_grid_thw"].tolist())
         out = model(input_ids=b["input_ids"].cuda(), pixel_values=b["pixel_values"].cuda().to(torch.bfloat16),
                     image_grid_thw=b["image_grid_thw"].cuda(), labels=labels.cuda())
         out.loss.backward()
@@ -174,6 +179,7 @@ def run_peer(args, seq: int) -> dict:
     tf = (lm_flops + vit_flops) / sec / 1e12
     return dict(impl="transformers", seq=seq, tokens_per_s=tokens / sec, lm_tflops=lm_flops / sec / 1e12,
                 vit_tflops=vit_flops / sec / 1e12, mfu=tf / peak if peak else None,
+                hfu=(lm_flops + vit_flops + rebuilt) / sec / 1e12 / peak if peak else None,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30, device=torch.cuda.get_device_name())
 
 
@@ -249,22 +255,24 @@ def main(argv=None) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| seq | impl | tokens/s | LM TFLOP/s | ViT TFLOP/s | MFU (LM+ViT) | peak GiB | planned GiB | data wait "
-             "| recompute LM / ViT | vs peer |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| seq | impl | tokens/s | LM TFLOP/s | ViT TFLOP/s | MFU (LM+ViT) | HFU | peak GiB | planned GiB "
+             "| data wait | recompute LM / ViT | vs peer |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['seq']} | {r['impl']} | {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['seq']} | {r['impl']} | {r['error']} | | | | | | | | | |")
             continue
         peer = next((x for x in results if x["seq"] == r["seq"] and x.get("impl") == "transformers"
                      and "error" not in x), None)
         ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}" if peer else "—"
         lm, vit = r["lm_tflops"], r["vit_tflops"]
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "—"
+        hfu = f"{r['hfu']:.1%}" if r.get("hfu") is not None else "—"
         planned = f"{r['planned_gib']:.1f}" if r.get("planned_gib") else "—"
         wait = f"{r['data_wait']:.1%}" if "data_wait" in r else "—"
         recompute = f"{r['recompute']} / {r['vit_recompute']}" if "vit_recompute" in r else "—"
-        lines.append(f"| {r['seq']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {lm:.0f} | {vit:.0f} | {mfu} | "
-                     f"{r['peak_gib']:.1f} | {planned} | {wait} | {recompute} | {ratio} |")
+        lines.append(f"| {r['seq']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {lm:.0f} | {vit:.0f} | {mfu} | {hfu} "
+                     f"| {r['peak_gib']:.1f} | {planned} | {wait} | {recompute} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -39,11 +39,12 @@ class StepStats:
     tokens: int = 0
     lm_flops: float = 0.0
     vit_flops: float = 0.0
+    rebuilt_flops: float = 0.0  # forward work the backward reruns (recompute): hardware, not model, FLOPs
     data_wait: float = 0.0
     segments: list = field(default_factory=list)
 
     def reset(self) -> None:
-        self.tokens, self.lm_flops, self.vit_flops, self.data_wait = 0, 0.0, 0.0, 0.0
+        self.tokens, self.lm_flops, self.vit_flops, self.rebuilt_flops, self.data_wait = 0, 0.0, 0.0, 0.0, 0.0
 
 
 def _segment_lengths(cu_seqlens: torch.Tensor) -> list[int]:
@@ -87,9 +88,11 @@ class ForwardStep:
         sp = getattr(self.module.config, "sequence_parallel", False)
         head = None if sp else int((batch["labels"] >= 0).sum())
         self.stats.lm_flops += self.flops.lm_flops(segs, head_tokens=head)
-        for key in ("image_grid_thw", "video_grid_thw"):
-            if batch.get(key) is not None:
-                self.stats.vit_flops += self.flops.vit_flops(batch[key].tolist())
+        grids = [g for key in ("image_grid_thw", "video_grid_thw") if batch.get(key) is not None
+                 for g in batch[key].tolist()]
+        if grids:
+            self.stats.vit_flops += self.flops.vit_flops(grids)
+        self.stats.rebuilt_flops += self.flops.rebuilt_flops(segs, grids)
 
     def _to_device(self, batch: dict) -> dict:
         out = {}

@@ -12,6 +12,7 @@ from megatron_mmpl.storage.atomic import atomic_write
 FORMATS = [
     ("loss", "loss {:.4f}"), ("lr", "lr {:.3e}"), ("grad_norm", "grad {:.3f}"), ("tokens_per_s", "tok/s {:,.0f}"),
     ("tflops_per_gpu", "TFLOP/s/GPU {:.3g}"), ("mfu", "MFU {:.1%}"),
+    ("hfu", "HFU {:.1%}"),  # LM + ViT with the forward work recompute reruns (training/flops.py)
     ("max_mem_gib", "mem {:.2f} GiB"), ("data_wait", "data {:.1%}"), ("bad_steps", "non-finite steps {:d}"),
     ("skipped_long", "skipped {:,} over-long"), ("skipped_corrupt", "skipped {:,} undecodable"),
 ]

@@ -26,7 +26,7 @@ from megatron_mmpl.storage.checkpoint_dir import check_free_space, clean_stale
 from megatron_mmpl.storage.run_lock import RunLock
 from megatron_mmpl.training import checkpoint as ckpt
 from megatron_mmpl.training.batches import check_data_dir, check_mixture, open_batches
-from megatron_mmpl.training.flops import FlopModel, peak_tflops
+from megatron_mmpl.training.flops import FlopModel, Training, peak_tflops
 from megatron_mmpl.training.forward_step import ForwardStep
 from megatron_mmpl.training.logger import RunLogger
 from megatron_mmpl.training.memory import plan_this_run, planned_vs_measured, use_expandable_segments
@@ -132,7 +132,8 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
     seq_multiple = p.pad_multiple
     batches = open_batches(cfg, hf, dp_rank=dp_rank, dp_size=dp, state=data_state, pad_multiple=seq_multiple)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    step_fn = ForwardStep(module, FlopModel(spec), device, DTYPES[cfg.model.dtype], pos.first_of_replica,
+    flop_model = FlopModel(spec, Training.of(cfg.model, spec, p.pp, p.first_stage_layers))
+    step_fn = ForwardStep(module, flop_model, device, DTYPES[cfg.model.dtype], pos.first_of_replica,
                           cp_rank=pos.cp_rank, cp_size=p.cp, seq_multiple=seq_multiple)
     forward_backward = get_forward_backward_func()
     loss_reporter = pos.last_stage and pos.tp_rank == 0
@@ -181,8 +182,8 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
                 else torch.zeros(2)
             s = step_fn.stats
             skips = _loader_skips(batches) if pos.first_of_replica else [0.0, 0.0]
-            totals = torch.cat([loss_pair.double().cpu(), torch.tensor([s.tokens, s.lm_flops, s.vit_flops, *skips],
-                                                                       dtype=torch.float64)])
+            totals = torch.cat([loss_pair.double().cpu(), torch.tensor(
+                [s.tokens, s.lm_flops, s.vit_flops, *skips, s.rebuilt_flops], dtype=torch.float64)])
             waits = torch.tensor([s.data_wait, _max_memory_gib(), 0.0 if _all_finite(model, "grad") else 1.0],
                                  dtype=torch.float64)
             _all_reduce(totals, dist.ReduceOp.SUM)
@@ -209,7 +210,7 @@ def train(cfg: Config, max_steps: int | None = None) -> TrainResult:
             result.step = state.step
             window.add(loss, grad_norm, totals[2].item(), totals[3].item(), totals[4].item(), waits[0].item(),
                        time.perf_counter() - t0, waits[1].item(), timer.seconds() if timer is not None else None,
-                       bad=not finite, skipped=skipped)
+                       bad=not finite, skipped=skipped, rebuilt_flops=totals[7].item())
             if not finite:
                 what = "its gradients were clipped to zero" if stepped else "the optimizer step was skipped"
                 log.print(f"[mmpl train] step {state.step}: non-finite loss or gradient (loss {loss}, grad norm "
@@ -336,12 +337,13 @@ class _Window:
     def __init__(self):
         self.n, self.loss, self.grad, self.tokens, self.lm, self.vit, self.wait, self.time = 0, 0.0, 0.0, 0.0, \
             0.0, 0.0, 0.0, 0.0
+        self.rebuilt = 0.0
         self.mem = 0.0
         self.bad, self.skipped = 0, (0.0, 0.0)
         self.phases: dict[str, float] = {}
 
     def add(self, loss, grad_norm, tokens, lm_flops, vit_flops, wait, seconds, mem_gib, phases=None, bad=False,
-            skipped=(0.0, 0.0)):
+            skipped=(0.0, 0.0), rebuilt_flops=0.0):
         self.n += 1
         self.loss += loss  # NaN stays NaN in the log
         self.grad += float(grad_norm) if grad_norm is not None else 0.0
@@ -350,6 +352,7 @@ class _Window:
         self.tokens += tokens
         self.lm += lm_flops
         self.vit += vit_flops
+        self.rebuilt += rebuilt_flops
         self.wait += wait
         self.time += seconds
         self.mem = max(self.mem, mem_gib)
@@ -360,10 +363,12 @@ class _Window:
         t = max(self.time, 1e-9)
         tflops = self.lm / t / world_size / 1e12
         vit = self.vit / t / world_size / 1e12
+        hardware = (self.lm + self.vit + self.rebuilt) / t / world_size / 1e12  # recompute counted
         return {
             "loss": self.loss / self.n, "lr": lr, "grad_norm": self.grad / self.n, "tokens_per_s": self.tokens / t,
             "tflops_per_gpu": tflops, "vit_tflops_per_gpu": vit,
-            "mfu": tflops / peak if peak else None, "vit_mfu": vit / peak if peak else None, "max_mem_gib": self.mem,
+            "mfu": tflops / peak if peak else None, "vit_mfu": vit / peak if peak else None,
+            "hfu": hardware / peak if peak else None, "max_mem_gib": self.mem,
             "data_wait": self.wait / t, **{f"{k}_s": v / self.n for k, v in self.phases.items()},
             "step_s": t / self.n, "bad_steps": self.bad, "skipped_long": int(self.skipped[0]),
             "skipped_corrupt": int(self.skipped[1]),
