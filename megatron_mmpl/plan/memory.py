@@ -19,6 +19,7 @@ from megatron_mmpl.config.load import ConfigError
 from megatron_mmpl.config.schema import Config
 from megatron_mmpl.config.validate import train_steps, validate_config, validate_layout, warmup_steps
 from megatron_mmpl.models.qwen25vl.spec import ModelSpec
+from megatron_mmpl.training.flops import FlopModel, Training
 
 # Positions per chunk of the training loss (models/qwen25vl/language_model.py: LanguageModel.loss_chunk_tokens);
 # a literal here keeps the planner free of torch/megatron imports. tests/unit/plan checks they agree.
@@ -275,18 +276,15 @@ def recompute_candidates(cfg: Config, m: ModelSpec) -> list[dict]:
 
 
 def rebuilt_flops(setting: dict, m: ModelSpec, seq: int, layers: int) -> float:
-    """Forward FLOPs per token that a recompute setting reruns in the backward on a stage of `layers` layers
-    (one causal sample filling the row: attention 2·q·seq per token and layer)."""
-    mlp = 2 * 3 * m.hidden * m.ffn
-    attn_linear = 2 * m.hidden * (2 * m.q_dim + 2 * m.kv_dim)
-    core = 2 * m.q_dim * seq
-    if setting["recompute"] == "none":
-        return 0.0
-    if setting["recompute"] == "selective":
-        mods = setting.get("recompute_modules", ["core_attn"])
-        return layers * (("mlp" in mods) * mlp + ("core_attn" in mods) * core)
-    k = setting["recompute_num_layers"] if setting.get("recompute_method") == "block" else layers
-    return min(k, layers) * (mlp + attn_linear + core)
+    """Forward FLOPs per token that an LM recompute setting reruns in the backward on a stage of `layers` layers
+    (one causal sample filling the row; training/flops.py's count, which the trainer logs as HFU)."""
+    k = layers
+    if setting["recompute"] == "full" and setting.get("recompute_method") == "block":
+        k = min(setting["recompute_num_layers"], layers)
+    training = Training(lm_layers_rebuilt=k if setting["recompute"] == "full" else 0,
+                        lm_modules_rebuilt=tuple(setting.get("recompute_modules", ["core_attn"]))
+                        if setting["recompute"] == "selective" else ())
+    return FlopModel(replace(m, layers=layers), training).rebuilt_flops([seq]) / seq
 
 
 # The chunked ViT (whole tower rerun per chunk) against megatron's per-block recompute, both rebuilding the forward
