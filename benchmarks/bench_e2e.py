@@ -12,6 +12,7 @@ every layer and block), peak memory beside the planner's figure, data wait, ours
     python benchmarks/bench_e2e.py --seqs 131072 --layers 12 --no-peer       # 3B widths, 12 LM layers, full ViT
     python benchmarks/bench_e2e.py --seqs 32768 --no-peer --profile          # + torch.profiler of 2 steps
     python benchmarks/bench_e2e.py --seqs 32768 --set model.recompute=full   # any trainer override
+    python benchmarks/bench_e2e.py --seqs 32768 --flops-only 140.4           # CPU: FLOPs per row, HFU/MFU
 Shards are made once per length under --data (synthetic rendered text pages, Qwen tokenizer).
 """
 
@@ -183,6 +184,41 @@ def run_peer(args, seq: int) -> dict:
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30, device=torch.cuda.get_device_name())
 
 
+def flops_only(args) -> None:
+    """The model and rebuilt FLOPs of the rows each side would train on (training/flops.py), printed per length."""
+    from megatron_mmpl.config.hf_config import resolve_hf_config
+    from megatron_mmpl.data.loader import build_train_loader
+    from megatron_mmpl.data.tokenizer import load_tokenizer
+    from megatron_mmpl.models.qwen25vl.spec import ModelSpec
+    from megatron_mmpl.plan.memory import Hardware, plan_config, recompute_label, vit_recompute_label
+    from megatron_mmpl.training.flops import FlopModel, Training
+
+    for seq in args.seqs:
+        shards_for(args.data, seq)
+        cfg = train_config(args, seq, tempfile.mkdtemp())
+        cfg.data.num_workers = 0
+        hf = resolve_hf_config(cfg.model)
+        spec = ModelSpec.from_hf(hf)
+        plan = plan_config(cfg, Hardware(1, 1, args.flops_only), shape=spec)
+        for k, v in plan.model_settings.items():
+            setattr(cfg.model, k, v)
+        ours = FlopModel(spec, Training.of(cfg.model, spec))
+        peer = FlopModel(spec, Training(lm_layers_rebuilt=spec.layers, vit_blocks_rebuilt=spec.vision.depth))
+        rows = iter(build_train_loader(cfg.data, load_tokenizer("qwen2"), dp_rank=0, dp_size=1, hf_config=hf))
+        model = rebuilt = peer_rebuilt = 0.0
+        for _ in range(args.steps):
+            b = next(rows)
+            segs, grids = b["cu_seqlens"].diff().tolist(), b["image_grid_thw"].tolist()
+            model += ours.lm_flops(segs, head_tokens=int((b["labels"] >= 0).sum())) + ours.vit_flops(grids)
+            rebuilt += ours.rebuilt_flops(segs, grids)
+            peer_rebuilt += peer.rebuilt_flops(segs, grids)
+        fits = "fits" if plan.fits else "does NOT fit"
+        print(f"{seq}: recompute LM {recompute_label(cfg)} / ViT {vit_recompute_label(cfg, spec)} (auto for "
+              f"{args.flops_only:g} GiB, {fits}); per row {model / args.steps / 1e12:.1f} model TFLOP + "
+              f"{rebuilt / args.steps / 1e12:.1f} rebuilt: HFU = {1 + rebuilt / model:.3f} x MFU; the peer's "
+              f"gradient checkpointing {1 + peer_rebuilt / model:.3f} x")
+
+
 def child(args) -> None:
     fn = run_ours if args.child == "ours" else run_peer
     try:
@@ -228,10 +264,16 @@ def main(argv=None) -> None:
     p.add_argument("--set", action="append", default=[], help="trainer override for ours, e.g. model.recompute=full")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--code", default=None, help="directory holding another megatron_mmpl package to run as ours")
+    p.add_argument("--flops-only", type=float, default=None, metavar="GPU_GIB",
+                   help="no training, no GPU: the FLOPs per row of the shard's first --steps rows under the recompute "
+                        "that auto picks for a GPU of this many GiB (140.4: an H200, 79.2: an H100) and the HFU/MFU "
+                        "ratio of both sides")
     p.add_argument("--child", choices=("ours", "peer"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(args)
+    if args.flops_only:
+        return flops_only(args)
     import torch
 
     for seq in args.seqs:
