@@ -123,6 +123,14 @@ def _spec(cfg):
     return ModelSpec.from_hf(resolve_hf_config(cfg.model))
 
 
+def peer_flop_model(spec):
+    """The peer's FLOPs: transformers' gradient checkpointing reruns every decoder layer and every ViT block (both
+    are GradientCheckpointingLayers)."""
+    from megatron_mmpl.training.flops import FlopModel, Training
+
+    return FlopModel(spec, Training(lm_layers_rebuilt=spec.layers, vit_blocks_rebuilt=spec.vision.depth))
+
+
 def run_peer(args, seq: int) -> dict:
     """transformers on the same shard's samples, read through our loader (same batches, HF-style labels)."""
     import time
@@ -134,7 +142,7 @@ def run_peer(args, seq: int) -> dict:
     from megatron_mmpl.data.loader import build_train_loader
     from megatron_mmpl.data.tokenizer import load_tokenizer
     from megatron_mmpl.models.qwen25vl.spec import ModelSpec
-    from megatron_mmpl.training.flops import FlopModel, Training, peak_tflops
+    from megatron_mmpl.training.flops import peak_tflops
 
     cfg = train_config(args, seq, tempfile.mkdtemp())
     cfg.data.num_workers = 0
@@ -149,9 +157,7 @@ def run_peer(args, seq: int) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     loader = iter(build_train_loader(cfg.data, load_tokenizer("qwen2"), dp_rank=0, dp_size=1, hf_config=hf))
-    spec = ModelSpec.from_hf(hf)
-    # gradient checkpointing reruns every decoder layer and every ViT block (both are GradientCheckpointingLayers)
-    fm = FlopModel(spec, Training(lm_layers_rebuilt=spec.layers, vit_blocks_rebuilt=spec.vision.depth))
+    fm = peer_flop_model(ModelSpec.from_hf(hf))
     lm_flops = vit_flops = rebuilt = tokens = 0.0
     torch.cuda.reset_peak_memory_stats()
     t_start = None
@@ -203,7 +209,7 @@ def flops_only(args) -> None:
         for k, v in plan.model_settings.items():
             setattr(cfg.model, k, v)
         ours = FlopModel(spec, Training.of(cfg.model, spec))
-        peer = FlopModel(spec, Training(lm_layers_rebuilt=spec.layers, vit_blocks_rebuilt=spec.vision.depth))
+        peer = peer_flop_model(spec)
         rows = iter(build_train_loader(cfg.data, load_tokenizer("qwen2"), dp_rank=0, dp_size=1, hf_config=hf))
         model = rebuilt = peer_rebuilt = 0.0
         for _ in range(args.steps):
