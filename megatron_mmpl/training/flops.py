@@ -162,8 +162,8 @@ class FlopModel:
             return float(lm)
         patches = self._vit_units(grids)[0]
         if tr.vit_tower_rebuilt and (tr.vision or tr.merger):  # the chunk's checkpoint reruns it all
-            vit = patches * 2 * (v.depth * self.vit_block_params + self.vit_merger_params_per_patch
-                                 + v.patch_dim * v.hidden_size) + self._vit_attention(grids, v.depth)
+            vit = patches * 2 * (self.vit_params_per_patch + v.patch_dim * v.hidden_size) \
+                + self._vit_attention(grids, v.depth)
         elif tr.vit_blocks_rebuilt and tr.vision:  # a frozen ViT's blocks have no backward to rerun them for
             vit = patches * 2 * tr.vit_blocks_rebuilt * self.vit_block_params \
                 + self._vit_attention(grids, tr.vit_blocks_rebuilt)
