@@ -130,9 +130,13 @@ def run_mode(args, cfg, spec, layout, grid, flops: float, peak: float | None, fi
     except torch.OutOfMemoryError:
         print(f"vit_recompute={mode}: out of memory")
         return
-    mfu = f", MFU {flops / sec / 1e12 / peak:.1%}" if peak else ""
+    from megatron_mmpl.training.flops import FlopModel, Training
+
+    rebuilt = FlopModel(spec, Training.of(cfg.model, spec)).rebuilt_flops([], grid.tolist())
+    forward = FlopModel(spec, Training(vit_tower_rebuilt=True)).rebuilt_flops([], grid.tolist())
+    mfu = f", MFU {flops / sec / 1e12 / peak:.1%}, HFU {(flops + rebuilt) / sec / 1e12 / peak:.1%}" if peak else ""
     print(f"vit_recompute={mode}: fwd+bwd {sec:.3f} s, {flops / sec / 1e12:.0f} TFLOP/s{mfu}, peak {peak_gib:.1f} "
-          f"GiB; forward alone (no grad) {fwd:.3f} s, {flops / 3 / fwd / 1e12:.0f} TFLOP/s")
+          f"GiB; forward alone (no grad) {fwd:.3f} s, {forward / fwd / 1e12:.0f} TFLOP/s")
     if args.ablate is not None and first:
         ablate(vit, step, lambda: vit(pixels, grid), args.ablate)
     if args.profile and first:
