@@ -128,22 +128,24 @@ class FlopModel:
             full += t * (h * w) ** 2
         return patches, windowed, full
 
-    def _vit_attention(self, image_grid_thw, blocks: int) -> float:
-        """Non-causal attention forward of the first `blocks` ViT blocks: 4·d·Σ u² per block."""
+    def _vit_attention(self, units: tuple[int, float, float], blocks: int) -> float:
+        """Non-causal attention forward of the first `blocks` ViT blocks (`units`: `_vit_units`): 4·d·Σ u² per
+        block."""
         v = self.spec.vision
-        _, windowed, full = self._vit_units(image_grid_thw)
+        _, windowed, full = units
         n_full = sum(1 for i in v.fullatt_block_indexes if i < blocks)
         return 4.0 * self.attention * v.hidden_size * ((blocks - n_full) * windowed + n_full * full)
 
     def vit_flops(self, image_grid_thw) -> float:
         """Training FLOPs of the ViT for images with these (t, h, w) patch grids."""
         tr, v = self.training, self.spec.vision
-        patches = self._vit_units(image_grid_thw)[0]
+        units = self._vit_units(image_grid_thw)
+        patches = units[0]
         blocks = (6 if tr.vision else 2) * v.depth * self.vit_block_params
         # its input gradient reaches the merger's own norm (ln_q) and a trained ViT
         merger = (2 + 2 * tr.merger + 2 * (tr.merger or tr.vision)) * self.vit_merger_params_per_patch
         embed = (2 + 2 * tr.vision) * v.patch_dim * v.hidden_size
-        attention = (3 if tr.vision else 1) * self._vit_attention(image_grid_thw, v.depth)
+        attention = (3 if tr.vision else 1) * self._vit_attention(units, v.depth)
         return float(patches * (blocks + merger + embed) + attention)
 
     def rebuilt_flops(self, segment_lengths: list[int], image_grid_thw=()) -> float:
@@ -157,16 +159,14 @@ class FlopModel:
             lm += m.layers * 2 * mlp * tokens
         if "core_attn" in tr.lm_modules_rebuilt:
             lm += self._lm_attention(segment_lengths, m.layers)
-        grids = list(image_grid_thw)
-        if not grids:
-            return float(lm)
-        patches = self._vit_units(grids)[0]
+        units = self._vit_units(image_grid_thw)
+        patches = units[0]
         if tr.vit_tower_rebuilt and (tr.vision or tr.merger):  # the chunk's checkpoint reruns it all
             vit = patches * 2 * (self.vit_params_per_patch + v.patch_dim * v.hidden_size) \
-                + self._vit_attention(grids, v.depth)
+                + self._vit_attention(units, v.depth)
         elif tr.vit_blocks_rebuilt and tr.vision:  # a frozen ViT's blocks have no backward to rerun them for
             vit = patches * 2 * tr.vit_blocks_rebuilt * self.vit_block_params \
-                + self._vit_attention(grids, tr.vit_blocks_rebuilt)
+                + self._vit_attention(units, tr.vit_blocks_rebuilt)
         else:
             vit = 0.0
         return float(lm + vit)
